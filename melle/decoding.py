@@ -1,0 +1,132 @@
+"""The one MELLE decode loop, written against a backend interface (numpy in, numpy out).
+
+PyTorch (``melle.generate``), ONNX Runtime and TensorRT (``melle_runtime``) implement
+``DecoderBackend``; the loop, the noise order and the stop rule live only here, so
+parity between backends tests the backends and not two copies of the loop.
+This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from melle.config import MelleConfig
+from melle.noise import Noise, NoiseSource
+from melle.text import EOS_ID
+
+
+class DecoderBackend(Protocol):
+    """What a runtime must provide to be driven by ``decode``."""
+
+    def start(self, batch: int, max_len: int) -> None:
+        """Allocate (or reuse) the KV cache for ``batch`` sequences of ``max_len`` positions."""
+
+    def prefill(self, text: np.ndarray, prompt_frames: np.ndarray, prompt_masks: np.ndarray) -> np.ndarray:
+        """text [B, Lx] int64 (with EOS), prompt groups [B, Gp, frame_dim] -> e [B, d]; fills the cache."""
+
+    def step(self, frames: np.ndarray, masks: np.ndarray, position: int) -> np.ndarray:
+        """Frame group [B, frame_dim] at ``position`` -> e [B, d]; writes its K/V into the cache."""
+
+    def latent(self, e: np.ndarray, eps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """e [B, d], eps [B, frame_dim] -> mu, logvar, y' (each [B, frame_dim]), stop logit [B]."""
+
+    def postnet(self, coarse: np.ndarray) -> np.ndarray:
+        """y' [1, frames, n_mels] -> y'' [1, frames, n_mels]."""
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    stop_threshold: float = 0.5  # stop once sigmoid(stop logit) exceeds this
+    min_steps: int = 1  # never stop before this many frame groups
+    max_steps: int = 1000  # frame groups per candidate; capped by the model's max_len
+    candidates: int = 1  # sample N in one batch and keep the best (paper section 5.3)
+    stop_enabled: bool = True  # False: always make max_steps (benchmarks)
+
+
+@dataclass
+class Decoded:
+    """Per candidate: refined mel ``[frames, n_mels]``, coarse y', groups made, whether it stopped."""
+
+    mels: list[np.ndarray]
+    coarse: list[np.ndarray]
+    n_groups: list[int]
+    stopped: list[bool]
+    stop_logits: np.ndarray  # [B, steps] as the stop head gave them
+    noise: Noise
+    best: int
+
+    @property
+    def mel(self) -> np.ndarray:
+        return self.mels[self.best]
+
+
+def prompt_groups(prompt_mel: np.ndarray | None, cfg: MelleConfig) -> np.ndarray:
+    """Prompt frames ``[T, n_mels]`` -> whole groups ``[G, frame_dim]`` (a partial last group is dropped)."""
+    if prompt_mel is None:
+        return np.zeros((0, cfg.frame_dim), np.float32)
+    n = prompt_mel.shape[0] // cfg.r
+    return prompt_mel[: n * cfg.r].reshape(n, cfg.frame_dim).astype(np.float32)
+
+
+def pick_best(n_groups: list[int], stopped: list[bool]) -> int:
+    """Default candidate choice: among those that stopped, the one closest to their median length.
+
+    Too-short and run-on candidates are MELLE's usual failures; with no scorer at hand
+    (speaker similarity needs an extra model) length consensus rejects them.
+    """
+    pool = [i for i, s in enumerate(stopped) if s] or list(range(len(n_groups)))
+    median = float(np.median([n_groups[i] for i in pool]))
+    return min(pool, key=lambda i: (abs(n_groups[i] - median), i))
+
+
+def decode(backend: DecoderBackend, cfg: MelleConfig, text_ids: list[int], prompt_mel: np.ndarray | None = None,
+           options: DecodeOptions = DecodeOptions(), seed: int | None = None, noise: Noise | None = None) -> Decoded:
+    """Generate mel frames for ``text_ids`` (prompt text first, EOS is appended here).
+
+    ``prompt_mel [T, n_mels]`` is the acoustic prompt (continuation or cross-sentence).
+    Noise comes from ``seed`` or is replayed from ``noise``; the result records what was used.
+    """
+    batch = options.candidates
+    tokens = np.array([list(text_ids) + [EOS_ID]] * batch, dtype=np.int64)
+    one_prompt = prompt_groups(prompt_mel, cfg)
+    groups = np.repeat(one_prompt[None], batch, axis=0)  # [B, Gp, frame_dim]
+    prefix = tokens.shape[1] + groups.shape[1]
+    max_steps = min(options.max_steps, cfg.max_len - prefix)
+    if max_steps < 1:
+        raise ValueError(f"text and prompt take {prefix} positions, the model holds {cfg.max_len}: "
+                         "shorten the text or the prompt")
+    source = NoiseSource(cfg, batch, seed=seed, replay=noise)
+    backend.start(batch, prefix + max_steps)
+    e = backend.prefill(tokens, groups, source.prompt(groups.shape[1]))
+
+    threshold_logit = float(np.log(options.stop_threshold / (1.0 - options.stop_threshold)))
+    outputs: list[np.ndarray] = []
+    stop_logits: list[np.ndarray] = []
+    made = [0] * batch
+    stopped = [False] * batch
+    for t in range(max_steps):
+        masks, eps = source.step()
+        _, _, y, stop = backend.latent(e, eps)
+        outputs.append(y)
+        stop_logits.append(stop)
+        for b in range(batch):
+            if stopped[b]:
+                continue
+            made[b] = t + 1
+            if options.stop_enabled and t + 1 >= options.min_steps and stop[b] > threshold_logit:
+                stopped[b] = True
+        if all(stopped) or t + 1 == max_steps:
+            break
+        e = backend.step(y, masks, prefix + t)
+
+    if options.stop_enabled and not all(stopped):
+        warnings.warn(f"{stopped.count(False)} of {batch} candidates reached {max_steps} steps without "
+                      "the stop head firing; their audio is cut there", stacklevel=2)
+    steps = np.stack(outputs, axis=1)  # [B, T, frame_dim]
+    coarse = [steps[b, : made[b]].reshape(made[b] * cfg.r, cfg.n_mels) for b in range(batch)]
+    mels = [backend.postnet(c[None])[0] for c in coarse]
+    return Decoded(mels, coarse, made, stopped, np.stack(stop_logits, axis=1), source.used, pick_best(made, stopped))

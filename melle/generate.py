@@ -1,0 +1,63 @@
+"""Reference generation: the shared decode loop driven by the PyTorch model.
+
+The KV cache is preallocated once per call and written in place at an explicit
+position (``Melle.decode_cached``); nothing grows by concatenation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from melle.decoding import Decoded, DecodeOptions, decode
+from melle.model import KVCache, Melle
+from melle.noise import Noise
+
+
+class TorchBackend:
+    """``DecoderBackend`` over a ``Melle`` module (eval mode, no grad)."""
+
+    def __init__(self, model: Melle):
+        self.model = model.eval()
+        self.cfg = model.cfg
+        self.device = next(model.parameters()).device
+        self.cache: KVCache | None = None
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(array)).to(self.device)
+
+    def start(self, batch: int, max_len: int) -> None:
+        if self.cache is None or self.cache.k[0].shape[1] != batch or self.cache.max_len < max_len:
+            self.cache = KVCache(self.cfg, batch, max_len, device=self.device)
+
+    @torch.inference_mode()
+    def prefill(self, text, prompt_frames, prompt_masks):
+        x = self.model.embed(self._tensor(text), self._tensor(prompt_frames), self._tensor(prompt_masks))
+        return self.model.decode_cached(x, self.cache, 0)[:, -1].cpu().numpy()
+
+    @torch.inference_mode()
+    def step(self, frames, masks, position):
+        x = self.model.embed_step(self._tensor(frames), self._tensor(masks),
+                                  torch.tensor([position], device=self.device))
+        return self.model.decode_cached(x, self.cache, position)[:, 0].cpu().numpy()
+
+    @torch.inference_mode()
+    def latent(self, e, eps):
+        return tuple(t.cpu().numpy() for t in self.model.latent(self._tensor(e), self._tensor(eps)))
+
+    @torch.inference_mode()
+    def postnet(self, coarse):
+        return self.model.refine(self._tensor(coarse)).cpu().numpy()
+
+
+def generate(model: Melle, text_ids: list[int], prompt_mel: np.ndarray | None = None,
+             options: DecodeOptions = DecodeOptions(), seed: int | None = None,
+             noise: Noise | None = None) -> Decoded:
+    """Reference TTS: mel for ``text_ids`` (prompt transcript first when prompting).
+
+    Plain TTS: no prompt. Continuation: prompt transcript + target text, and the first
+    seconds of the prompt's mel. Cross-sentence: a reference utterance and its
+    transcript as the prompt. ``seed`` draws the noise (same seed, same noise as the
+    runtime); ``noise`` replays a recorded one. The result carries the noise it used.
+    """
+    return decode(TorchBackend(model), model.cfg, text_ids, prompt_mel, options, seed=seed, noise=noise)

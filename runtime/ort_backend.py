@@ -1,0 +1,87 @@
+"""ONNX Runtime backend: the ``DecoderBackend`` of ``melle.decoding`` over the exported graphs.
+
+The KV cache is one preallocated host array per layer, ``[max_len, B, H, D]``
+(time-major, so the filled prefix ``cache[:pos]`` is a contiguous view handed to ORT
+without a copy). Each step returns only the new K/V slice, written in place at its
+position. ``kv_mode="full"`` hands the whole buffer instead (the fixed-shape mode that
+TensorRT and CUDA graphs need); the step graph masks the unwritten tail either way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from melle_runtime.manifest import EngineError, Manifest
+
+KV_MODES = ("prefix", "full")
+
+
+def available_providers(device: str) -> list[str]:
+    """ORT providers for ``cpu`` or ``cuda``; a clear error when CUDA is not available."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise EngineError("backend ort-cuda needs onnxruntime-gpu and an NVIDIA GPU; this onnxruntime offers "
+                          f"{ort.get_available_providers()} (pip install 'melle-rt[gpu]', or use ort-cpu)")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def make_session(path, providers: list[str], threads: int | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+
+
+class OrtBackend:
+    """Drives prefill / decoder_step / latent_head / postnet sessions with a preallocated cache."""
+
+    def __init__(self, manifest: Manifest, device: str = "cpu", int8: bool = False, kv_mode: str = "prefix",
+                 threads: int | None = None):
+        if kv_mode not in KV_MODES:
+            raise ValueError(f"kv_mode must be one of {KV_MODES}, got {kv_mode!r}")
+        providers = available_providers(device)
+        self.cfg = manifest.config
+        self.capacity = manifest.max_len
+        self.kv_mode = kv_mode
+        step_graph = "decoder_step_int8" if int8 else "decoder_step"
+        self.sessions = {name: make_session(manifest.graph_path(graph), providers, threads)
+                         for name, graph in [("prefill", "prefill"), ("step", step_graph),
+                                             ("latent", "latent_head"), ("postnet", "postnet")]}
+        n = self.cfg.n_layer
+        self.past_names = [f"past_{kind}_{i}" for i in range(n) for kind in ("key", "value")]
+        self.cache: list[np.ndarray] = []  # key_0, value_0, key_1, ... like the graph inputs
+
+    def start(self, batch: int, max_len: int) -> None:
+        if max_len > self.capacity:
+            raise EngineError(f"this utterance needs {max_len} positions; the engine was exported for "
+                              f"{self.capacity} (--max-len): shorten the text or re-export")
+        length = self.capacity if self.kv_mode == "full" else max_len
+        if not self.cache or self.cache[0].shape[1] != batch or self.cache[0].shape[0] < length:
+            shape = (length, batch, self.cfg.n_head, self.cfg.head_dim)
+            self.cache = [np.zeros(shape, np.float32) for _ in range(2 * self.cfg.n_layer)]
+
+    def prefill(self, text, prompt_frames, prompt_masks):
+        e, *present = self.sessions["prefill"].run(
+            None, {"text": text, "prompt_frames": prompt_frames, "prompt_masks": prompt_masks})
+        for buffer, new in zip(self.cache, present):
+            buffer[: new.shape[0]] = new
+        return e
+
+    def step(self, frames, masks, position):
+        visible = self.cache[0].shape[0] if self.kv_mode == "full" else position
+        feed = {"frames": frames, "prenet_masks": masks, "position": np.array([position], np.int64)}
+        feed.update((name, buffer[:visible]) for name, buffer in zip(self.past_names, self.cache))
+        e, *present = self.sessions["step"].run(None, feed)
+        for buffer, new in zip(self.cache, present):
+            buffer[position] = new[0]
+        return e
+
+    def latent(self, e, eps):
+        mu, logvar, y, stop = self.sessions["latent"].run(None, {"e": e, "eps": eps})
+        return mu, logvar, y, stop
+
+    def postnet(self, coarse):
+        return self.sessions["postnet"].run(None, {"coarse": coarse})[0]

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install, export the bundled demo voice to ONNX (once) and speak a sentence into demo.wav.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+text="${1:-The quick brown fox jumps over the lazy dog.}"
+bash scripts/install.sh export
+if [ ! -f engines/demo/manifest.json ]; then
+    .venv/bin/python export/to_onnx.py demo/checkpoint --out engines/demo
+fi
+.venv/bin/python runtime/synth.py --engine engines/demo --text "$text" --out demo.wav --mel-png demo.png

@@ -1,0 +1,120 @@
+"""The torch-free runtime: the CLI, the Python API and its answers to bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from melle_runtime.synthesizer import Synthesizer, split_sentences
+
+ROOT = Path(__file__).resolve().parents[1]
+# Runs synth.py in a process where `import torch` fails, then proves torch never loaded.
+NO_TORCH = """
+import runpy, sys
+class BlockTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, BlockTorch())
+sys.argv = ["synth.py"] + sys.argv[1:]
+try:
+    runpy.run_path("runtime/synth.py", run_name="__main__")
+finally:
+    assert "torch" not in sys.modules
+"""
+
+
+def synth(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", NO_TORCH, *map(str, args)], cwd=ROOT, input=stdin,
+                          capture_output=True, text=True, timeout=300)
+
+
+def write_tone(path: Path, seconds: float, rate: int, channels: int = 1, amplitude: float = 0.3) -> Path:
+    t = np.arange(int(seconds * rate)) / rate
+    tone = amplitude * np.sin(2 * np.pi * 220 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    sf.write(path, np.stack([tone] * channels, axis=1) if channels > 1 else tone, rate)
+    return path
+
+
+def test_cli_speaks_without_torch(voiced_engine, tmp_path):
+    out = tmp_path / "hello.wav"
+    done = synth("--engine", voiced_engine, "--text", "hello world.", "--out", out, "--max-seconds", "2",
+                 "--mel-png", tmp_path / "mel.png")
+    assert done.returncode == 0, done.stderr
+    wav, rate = sf.read(out)
+    assert rate == 22050 and len(wav) > 0 and np.abs(wav).max() > 0
+    assert (tmp_path / "mel.png").stat().st_size > 1000
+
+
+def test_cli_reads_lines_from_stdin(voiced_engine, tmp_path):
+    done = synth("--engine", voiced_engine, "--out-dir", tmp_path, "--max-seconds", "1", stdin="one.\n\ntwo.\n")
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.glob("*.wav")) == ["0000.wav", "0001.wav"]
+
+
+def test_prompt_handling(voiced_engine, tmp_path):
+    stereo = write_tone(tmp_path / "stereo.wav", 1.0, 22050, channels=2)
+    other_rate = write_tone(tmp_path / "16k.wav", 1.0, 16000)
+    synthesizer = Synthesizer(voiced_engine)
+    with pytest.warns(UserWarning, match="downmix"):
+        stereo_mel = synthesizer.prompt_mel(stereo, "a tone.")
+    assert stereo_mel.shape == (22050 // 256, 80)
+    assert synthesizer.prompt_mel(other_rate, "a tone.").shape == (22050 // 256, 80)  # resampled
+
+
+@pytest.mark.parametrize("case, args, message", [
+    ("empty text", ["--text", "   "], "empty"),
+    ("only unknown symbols", ["--text", "\u4f60\u597d"], "nothing speakable"),
+    ("missing engine", ["--engine", "/nonexistent/engine", "--text", "hi."], "does not exist"),
+    ("prompt without text", ["--text", "hi.", "--prompt-wav", "PROMPT"], "--prompt-text"),
+])
+def test_cli_bad_input_exits_non_zero_with_a_message(case, args, message, voiced_engine, tmp_path):
+    prompt = write_tone(tmp_path / "p.wav", 1.0, 22050)
+    args = [str(prompt) if a == "PROMPT" else a for a in args]
+    if "--engine" not in args:
+        args = ["--engine", voiced_engine, *args]
+    done = synth(*args, "--out", tmp_path / "x.wav")
+    assert done.returncode != 0, case
+    assert message.lower() in done.stderr.lower(), done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("case, seconds, amplitude, message", [
+    ("silent prompt", 1.0, 0.0, "silent"),
+    ("short prompt", 0.3, 0.3, "shorter"),
+])
+def test_cli_rejects_unusable_prompts(case, seconds, amplitude, message, voiced_engine, tmp_path):
+    prompt = write_tone(tmp_path / "p.wav", seconds, 22050, amplitude=amplitude)
+    done = synth("--engine", voiced_engine, "--text", "hi.", "--prompt-wav", prompt, "--prompt-text", "a tone.",
+                 "--out", tmp_path / "x.wav")
+    assert done.returncode != 0, case
+    assert message in done.stderr.lower() and "Traceback" not in done.stderr
+
+
+def test_cli_refuses_a_tampered_engine(voiced_engine, tmp_path):
+    engine = tmp_path / "engine"
+    shutil.copytree(voiced_engine, engine)
+    manifest = json.loads((engine / "manifest.json").read_text())
+    manifest["graphs"]["latent_head"]["sha256"] = "0" * 64
+    (engine / "manifest.json").write_text(json.dumps(manifest))
+    done = synth("--engine", engine, "--text", "hi.", "--out", tmp_path / "x.wav")
+    assert done.returncode != 0 and "sha256" in done.stderr
+
+
+def test_api_joins_sentences_with_a_pause(voiced_engine):
+    synthesizer = Synthesizer(voiced_engine)
+    wav, rate = synthesizer.synthesize("hello there. how are you?", seed=1)
+    one, _ = synthesizer.synthesize("hello there.", seed=1)
+    assert rate == 22050 and wav.dtype == np.float32
+    assert len(wav) > len(one) + int(0.25 * rate) - 1
+    np.testing.assert_array_equal(wav[: len(one)], one)  # sentence 1 keeps its seed
+
+
+def test_split_sentences():
+    assert split_sentences(" One. Two!  Three? four; five ") == ["One.", "Two!", "Three?", "four;", "five"]
+    assert split_sentences("   ") == []
