@@ -89,13 +89,21 @@ def _text_attention_grid(attn: torch.Tensor, text_lens: torch.Tensor, n_groups: 
 
 def guided_attention_loss(attention: list[torch.Tensor], heads: tuple[int, ...], text_lens: torch.Tensor,
                           n_groups: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Mean attention mass off the text/frame diagonal: A * (1 - exp(-offset^2 / 2 sigma^2))."""
+    """Attention mass per frame row that sits off the text diagonal, averaged over rows
+    (0 = all on the diagonal, at most 1).
+
+    Text keys weigh 1 - exp(-offset^2 / 2 sigma^2); frame keys weigh 1, so a guided head
+    cannot dodge the prior by attending to frames instead: it becomes an alignment head.
+    """
     losses = []
     for attn in attention:  # [B, H, L, L]
         valid, offset = _text_attention_grid(attn, text_lens, n_groups)
-        weight = 1.0 - torch.exp(-offset ** 2 / (2 * sigma ** 2))
+        rows = valid.any(-1)  # [B, L] rows that predict a frame group
+        key = torch.arange(attn.shape[-1], device=attn.device)[None, None, :]
+        weight = torch.where(valid, 1.0 - torch.exp(-offset ** 2 / (2 * sigma ** 2)),
+                             (rows[..., None] & (key >= text_lens[:, None, None])).float())
         for h in heads:
-            losses.append(masked_mean(attn[:, h] * weight, valid))
+            losses.append(masked_mean((attn[:, h] * weight).sum(-1), rows))
     return torch.stack(losses).mean()
 
 
@@ -126,7 +134,7 @@ class LossTerms:
     guided: torch.Tensor
 
     def as_floats(self) -> dict[str, float]:
-        return {k: float(v) for k, v in vars(self).items()}
+        return {k: float(v.detach()) for k, v in vars(self).items()}
 
 
 def melle_loss(out: MelleOutput, y: torch.Tensor, n_frames: torch.Tensor, n_groups: torch.Tensor,

@@ -127,7 +127,7 @@ def train(args) -> Path:
     log_path = out / "train_log.csv"
     start = last_save = time.monotonic()
     minutes_before = state["minutes"] if state else 0.0
-    progress = tqdm(total=args.steps, disable=rank != 0, desc="train")
+    progress = tqdm(total=min(args.steps, train_cfg.total_steps - step), disable=rank != 0, desc="train")
 
     def save() -> None:
         if world > 1:

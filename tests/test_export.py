@@ -131,3 +131,10 @@ def test_tampered_or_missing_engine_is_a_clear_error(tiny_engine, tmp_path):
     (engine / "manifest.json").write_text("{not json")
     with pytest.raises(EngineError, match="not valid JSON"):
         read_manifest(engine)
+
+
+def test_verify_command_passes_on_a_fresh_export_and_refuses_a_foreign_checkpoint(tiny_checkpoint, tiny_engine):
+    from melle_export.verify import main as verify
+
+    assert verify([str(tiny_engine(4)), "--ckpt", str(tiny_checkpoint(4)), "--seeds", "0", "--max-steps", "60"]) == 0
+    assert verify([str(tiny_engine(4)), "--ckpt", str(tiny_checkpoint(1)), "--seeds", "0"]) == 2

@@ -50,7 +50,10 @@ def test_guided_attention_and_alignment_score_by_hand():
     anti[0, 0, 1, 1] = anti[0, 0, 2, 0] = 1.0
     w = 1 - math.exp(-0.25 / (2 * 0.2 ** 2))  # offset 0.5 at sigma 0.2
     assert guided_attention_loss([diagonal], (0,), text_lens, n_groups, 0.2).item() == pytest.approx(0.0)
-    assert guided_attention_loss([anti], (0,), text_lens, n_groups, 0.2).item() == pytest.approx(w / 2)
+    assert guided_attention_loss([anti], (0,), text_lens, n_groups, 0.2).item() == pytest.approx(w)
+    on_frames = torch.zeros(1, 1, 3, 3)
+    on_frames[0, 0, 1, 0] = on_frames[0, 0, 2, 2] = 1.0  # row 2 attends to a frame key: fully penalised
+    assert guided_attention_loss([on_frames], (0,), text_lens, n_groups, 0.2).item() == pytest.approx(0.5)
     assert alignment_score([diagonal], text_lens, n_groups) == pytest.approx(1.0)
     assert alignment_score([anti], text_lens, n_groups) == pytest.approx(0.0)
 

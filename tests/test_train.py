@@ -1,0 +1,136 @@
+"""Training: data pipeline, overfitting a few utterances, resume, DDP, checkpoint errors."""
+
+import csv
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import load_file, save_file
+
+from melle.checkpoint import CheckpointError, load_checkpoint, load_trainer_state, save_checkpoint
+from melle.data import bucket_batches
+from melle.decoding import DecodeOptions
+from melle.generate import generate
+from melle.init import random_model
+from melle.text import tokenizer_from_spec
+from melle.train import main as train_main
+
+RATE = 22050
+TEXTS = ["a rising tone.", "falling low, then high!", "buzz"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Three generated 'utterances' (distinct tone patterns, 0.6-1.0 s) and their manifest."""
+    root = tmp_path_factory.mktemp("corpus")
+    rows = []
+    for i, (text, seconds) in enumerate(zip(TEXTS, [0.6, 1.0, 0.8])):
+        t = np.arange(int(seconds * RATE)) / RATE
+        f0 = 150 + 100 * i + 80 * np.sin(2 * np.pi * (i + 1) * t)
+        wav = 0.3 * np.sin(2 * np.pi * np.cumsum(f0) / RATE) * np.hanning(len(t)) ** 0.3
+        sf.write(root / f"u{i}.wav", wav, RATE)
+        rows.append(json.dumps({"audio": f"u{i}.wav", "text": text, "speaker": "tone"}))
+    (root / "train.jsonl").write_text("\n".join(rows) + "\n")
+    return root / "train.jsonl"
+
+
+def train(manifest, out, *extra):
+    train_main(["--manifest", str(manifest), "--preset", "tiny", "--out", str(out), "--tokenizer", "chars",
+                "--log-every", "10", *map(str, extra)])
+
+
+def read_log(out: Path) -> list[dict]:
+    with open(out / "train_log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_overfit_a_few_utterances_and_stop_on_time(corpus, tmp_path):
+    torch.manual_seed(0)
+    train(corpus, tmp_path, "--steps", 300, "--lr", 3e-3, "--warmup-steps", 20, "--hold-steps", 1000,
+          "--r", 2, "--batch-frames", 400, "--threads", 2)
+    log = read_log(tmp_path)
+    first, last = float(log[0]["reg"]), float(log[-1]["reg"])
+    assert last < 0.3 * first, f"regression loss only went {first} -> {last}"
+
+    model = load_checkpoint(tmp_path / "latest")
+    tokenizer = tokenizer_from_spec(model.cfg.tokenizer)
+    true_groups = [int(np.ceil(len(sf.read(corpus.parent / f"u{i}.wav")[0]) // 256 / 2)) for i in range(3)]
+    for text, truth in zip(TEXTS, true_groups):
+        made = generate(model, tokenizer.encode(text), options=DecodeOptions(max_steps=3 * truth), seed=0)
+        assert made.stopped == [True] and abs(made.n_groups[0] - truth) <= 3, (text, made.n_groups, truth)
+
+
+def test_resume_continues_where_it_stopped(corpus, tmp_path):
+    train(corpus, tmp_path, "--steps", 4, "--batch-frames", 200)
+    train(corpus, tmp_path, "--steps", 3, "--batch-frames", 200, "--resume")
+    state = load_trainer_state(tmp_path / "latest")
+    assert state["step"] == 7
+    assert set(state["optimizer"]["state"]), "optimizer moments must be saved for resume"
+
+
+def test_two_process_torchrun_keeps_ranks_identical(corpus, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "melle.train", "--manifest", str(corpus), "--preset", "tiny", "--out", str(tmp_path),
+           "--tokenizer", "chars", "--steps", "3", "--batch-frames", "150", "--threads", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    check = json.loads((tmp_path / "ddp_check.json").read_text())
+    assert check["world"] == 2 and len(check["digests"]) == 2 and len(set(check["digests"])) == 1
+    assert load_trainer_state(tmp_path / "latest")["step"] == 3
+
+
+def test_bucket_batches_respect_budget_and_split_ranks():
+    lengths = [10, 50, 12, 48, 30, 31, 5, 49]
+    batches = bucket_batches(lengths, max_frames=100, seed=0, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    assert all(max(lengths[i] for i in b) * len(b) <= 100 for b in batches)
+    rank0 = bucket_batches(lengths, 100, 0, 0, rank=0, world=2)
+    rank1 = bucket_batches(lengths, 100, 0, 0, rank=1, world=2)
+    assert len(rank0) == len(rank1) and not {i for b in rank0 for i in b} & {i for b in rank1 for i in b}
+    assert bucket_batches(lengths, 100, 0, 1) != batches, "each epoch reshuffles"
+
+
+def test_checkpoint_errors_are_clear(tmp_path):
+    good = tmp_path / "good"
+    save_checkpoint(good, random_model("tiny", 0))
+    tensors = load_file(good / "model.safetensors")
+
+    missing = tmp_path / "missing"
+    save_checkpoint(missing, random_model("tiny", 0))
+    save_file({k: v for k, v in tensors.items() if k != "latent.stop.bias"}, missing / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing tensors.*latent.stop.bias"):
+        load_checkpoint(missing)
+
+    newer = tmp_path / "newer"
+    save_checkpoint(newer, random_model("tiny", 0))
+    config = json.loads((newer / "config.json").read_text())
+    config["format_version"] = 99
+    (newer / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="newer than this melle"):
+        load_checkpoint(newer)
+
+    corrupt = tmp_path / "corrupt"
+    save_checkpoint(corrupt, random_model("tiny", 0))
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(corrupt)
+
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+def test_failed_save_keeps_the_good_checkpoint(tmp_path):
+    target = tmp_path / "ckpt"
+    model = random_model("tiny", 0)
+    save_checkpoint(target, model)
+    before = (target / "model.safetensors").read_bytes()
+    with pytest.raises((AttributeError, TypeError, pickle.PicklingError)):  # fails mid-write
+        save_checkpoint(target, model, trainer_state={"unpicklable": lambda: None})
+    assert (target / "model.safetensors").read_bytes() == before
+    load_checkpoint(target)
