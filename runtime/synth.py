@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from melle.audio import AudioError, save_wav
@@ -74,15 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         targets = [Path(args.out)] if single else [Path(args.out_dir) / f"{i:04d}.wav" for i in range(len(lines))]
         for i, (line, target) in enumerate(tqdm(list(zip(lines, targets)), disable=single, desc="synth")):
             start = time.perf_counter()
-            wav, rate = synth.synthesize(line, args.prompt_wav, args.prompt_text, seed=args.seed + i, options=options)
+            speech = synth.speak(line, args.prompt_wav, args.prompt_text, seed=args.seed + i, options=options)
             elapsed = time.perf_counter() - start
-            save_wav(target, wav, rate)
+            save_wav(target, speech.wav, speech.sample_rate)
             if args.mel_png and i == 0:
-                mel = synth.mel(line, seed=args.seed).mel
-                save_mel_png(mel, Path(args.mel_png), line[:60])
+                save_mel_png(np.concatenate(speech.mels), Path(args.mel_png), line[:60])
             if single:
-                print(f"wrote {target}: {len(wav) / rate:.2f} s of audio in {elapsed:.2f} s "
-                      f"(RTF {elapsed / max(len(wav) / rate, 1e-9):.3f})")
+                seconds = len(speech.wav) / speech.sample_rate
+                print(f"wrote {target}: {seconds:.2f} s of audio in {elapsed:.2f} s (RTF {elapsed / seconds:.3f})")
     except (EngineError, EmptyTextError, UnknownSymbolError, AudioError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

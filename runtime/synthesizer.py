@@ -33,6 +33,13 @@ class SynthesisOptions:
     stop_threshold: float = 0.5
 
 
+@dataclass
+class Speech:
+    wav: np.ndarray  # float32 [samples]
+    sample_rate: int
+    mels: list[np.ndarray]  # refined log-mel [frames, n_mels] per sentence
+
+
 def split_sentences(text: str) -> list[str]:
     """Sentences of a long text (split after . ! ? ;), empty pieces dropped."""
     return [s.strip() for s in SENTENCE_END.split(text.strip()) if s.strip()]
@@ -93,20 +100,27 @@ class Synthesizer:
             raise EngineError(f"{self.manifest.directory} was exported without a vocoder (--vocoder none)")
         return self.vocoder.run(None, {"mel": mel[None].astype(np.float32)})[0][0]
 
-    def synthesize(self, text: str, prompt_wav=None, prompt_text: str | None = None, seed: int | None = None,
-                   options: SynthesisOptions = SynthesisOptions()) -> tuple[np.ndarray, int]:
-        """Speak ``text`` (split into sentences); returns (float32 waveform, sample rate)."""
+    def speak(self, text: str, prompt_wav=None, prompt_text: str | None = None, seed: int | None = None,
+              options: SynthesisOptions = SynthesisOptions()) -> Speech:
+        """Speak ``text`` sentence by sentence (seed + i for sentence i), joined by short pauses."""
         sentences = split_sentences(text)
         if not sentences:
             raise EmptyTextError("nothing to say: the text is empty")
         prompt = self.prompt_mel(prompt_wav, prompt_text) if prompt_wav is not None else None
         pause = np.zeros(int(options.pause_seconds * self.sample_rate), np.float32)
-        pieces = []
+        pieces, mels = [], []
         for i, sentence in enumerate(sentences):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 decoded = self.mel(sentence, prompt, prompt_text, None if seed is None else seed + i, options)
             for w in caught:
                 warnings.warn(f"sentence {i + 1} ({sentence[:40]!r}): {w.message}", stacklevel=2)
+            mels.append(decoded.mel)
             pieces += [self.vocode(decoded.mel), pause]
-        return np.concatenate(pieces[:-1]), self.sample_rate
+        return Speech(np.concatenate(pieces[:-1]), self.sample_rate, mels)
+
+    def synthesize(self, text: str, prompt_wav=None, prompt_text: str | None = None, seed: int | None = None,
+                   options: SynthesisOptions = SynthesisOptions()) -> tuple[np.ndarray, int]:
+        """Speak ``text``; returns (float32 waveform, sample rate)."""
+        speech = self.speak(text, prompt_wav, prompt_text, seed, options)
+        return speech.wav, speech.sample_rate
