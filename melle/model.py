@@ -97,7 +97,7 @@ class Attention(nn.Module):
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
         qkv = self.qkv(x).view(b, t, 3, self.n_head, self.head_dim)  # [B, T, 3, H, D]
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, H, T, D]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, D]
         return q, k, v
 
     def merge_heads(self, y: torch.Tensor) -> torch.Tensor:
