@@ -1,11 +1,15 @@
 """Parity suite of an engine directory against its PyTorch checkpoint; prints a table.
 
-    python export/verify.py ENGINE_DIR --ckpt CKPT_DIR [--seeds 0,1,2] [--max-steps 300]
+    python export/verify.py ENGINE_DIR --ckpt CKPT_DIR [--seeds 0,1,2] [--max-steps 300] [--trt]
 
 Checks: every graph vs its PyTorch module on fresh random inputs (< 1e-4; vocoder
 < 1e-3 on the waveform), the step graph's prefix and full-buffer KV modes against each
 other, and free-running decodes with the same seeds (same stop step, mel < 1e-3).
-Exit status 1 when any check fails.
+``--trt`` adds the TensorRT engines (export/to_trt.py; needs a GPU): each engine vs ONNX
+Runtime through Polygraphy's comparator, a teacher-forced decode vs PyTorch (relative
+error < 1e-2 per step), free-running stop steps within 2% of PyTorch's, and the
+CUDA-graph step against the plain one. NOT VALIDATED ON A GPU yet.
+Exit status 1 when any check fails, 2 when the suite cannot run.
 """
 
 from __future__ import annotations
@@ -19,14 +23,19 @@ import numpy as np
 
 from melle.checkpoint import load_checkpoint
 from melle.decoding import DecodeOptions, decode
-from melle.generate import generate
+from melle.generate import TorchBackend, generate
+from melle.noise import NoiseSource
+from melle.text import EOS_ID
 from melle.vocoder import load_hifigan
+from melle_export.fp16_check import relative_error
 from melle_export.graphs import model_graphs, run_torch, vocoder_graph
 from melle_export.to_onnx import GRAPH_TOLERANCE, VOCODER_TOLERANCE, max_abs_diff, ort_run
-from melle_runtime.manifest import read_manifest
+from melle_runtime.manifest import EngineError, read_manifest
 from melle_runtime.ort_backend import OrtBackend
 
 TRAJECTORY_TOLERANCE = 1e-3
+TRT_TOLERANCE = 1e-2  # TensorRT FP16: relative error per step / per graph output (DESIGN.md)
+TRT_STOP_TOLERANCE = 0.02  # free-running stop step, relative to PyTorch's
 
 
 @dataclass
@@ -75,17 +84,104 @@ def trajectory_check(manifest, model, seed: int, options: DecodeOptions) -> Chec
                  f"groups ORT {ours.n_groups[0]} / PyTorch {reference.n_groups[0]}")
 
 
+def teacher_forced(reference, candidate, cfg, ids: list[int], steps: int, seed: int = 0) -> dict[str, list[float]]:
+    """Per-step relative errors (e, mu, y') of ``candidate`` against ``reference`` backends.
+
+    Both get the same text and noise and, at every step, the frames the reference made,
+    so one step's error does not compound into the next.
+    """
+    tokens = np.array([list(ids) + [EOS_ID]], np.int64)
+    prefix = tokens.shape[1]
+    source = NoiseSource(cfg, 1, seed=seed)
+    no_prompt, masks = np.zeros((1, 0, cfg.frame_dim), np.float32), source.prompt(0)
+    for backend in (reference, candidate):
+        backend.start(1, prefix + steps)
+    e_ref, e_cand = (b.prefill(tokens, no_prompt, masks) for b in (reference, candidate))
+    errors: dict[str, list[float]] = {"e": [], "mu": [], "y": []}
+    for t in range(steps):
+        masks, eps = source.step()
+        mu_ref, _, y_ref, _ = reference.latent(e_ref, eps)
+        mu_cand, _, y_cand, _ = candidate.latent(e_cand, eps)
+        for name, ours, theirs in (("e", e_cand, e_ref), ("mu", mu_cand, mu_ref), ("y", y_cand, y_ref)):
+            errors[name].append(relative_error(ours, theirs))
+        if t + 1 < steps:
+            e_ref = reference.step(y_ref, masks, prefix + t)
+            e_cand = candidate.step(y_ref, masks, prefix + t)
+    return errors
+
+
+def trt_graph_checks(manifest, model, rng) -> list[Check]:
+    """Each TensorRT engine vs ONNX Runtime on the same inputs, run through Polygraphy's comparator."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.trt import EngineFromPath, TrtRunner
+    from polygraphy.comparator import Comparator
+
+    entry = manifest.raw["trt"]
+    specs = {s.name: s for s in model_graphs(model)}
+    if manifest.has_vocoder:
+        specs["vocoder"] = vocoder_graph(load_hifigan(manifest.raw["vocoder"])[0], model.cfg.n_mels)
+    checks = []
+    for name, engine in entry["engines"].items():
+        feed = dict(zip(specs[name].inputs, specs[name].example(rng)))
+        if name == "decoder_step":  # the engine takes the whole fixed-capacity cache
+            shape = (entry["max_len"], *feed["past_key_0"].shape[1:])
+            feed.update((k, rng.standard_normal(shape).astype(np.float32)) for k in feed if k.startswith("past_"))
+        runners = [TrtRunner(EngineFromPath(str(manifest.directory / engine["file"]))),
+                   OnnxrtRunner(SessionFromOnnx(str(manifest.graph_path(name)), providers=["cpu"]))]
+        (_, [ours]), (_, [reference]) = Comparator.run(runners, data_loader=[feed])
+        worst = max(relative_error(ours[k], reference[k]) for k in specs[name].outputs)
+        checks.append(Check(f"trt {name}", worst, TRT_TOLERANCE, "max relative error vs ONNX Runtime"))
+    return checks
+
+
+def trt_checks(manifest, model, seeds: list[int], options: DecodeOptions) -> list[Check]:
+    """TensorRT engines: per graph vs ORT, teacher-forced and free-running vs PyTorch, CUDA graph vs not."""
+    from melle_runtime.trt_backend import TrtBackend
+
+    cfg = manifest.config
+    ids = [2 + (7 * i) % (cfg.n_text_vocab - 2) for i in range(20)]
+    checks = trt_graph_checks(manifest, model, np.random.default_rng(2025))
+    with TrtBackend(manifest) as backend, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a random model may not stop: both sides are cut alike
+        errors = teacher_forced(TorchBackend(model), backend, cfg, ids, min(options.max_steps, 200))
+        checks.append(Check("trt teacher-forced", max(max(v) for v in errors.values()), TRT_TOLERANCE,
+                            "max relative error of e / mu / y' per step vs PyTorch"))
+        for seed in seeds:
+            ours = decode(backend, cfg, ids, None, options, seed=seed).n_groups[0]
+            reference = generate(model, ids, None, options, seed=seed).n_groups[0]
+            checks.append(Check(f"trt free-running seed {seed}", abs(ours - reference),
+                                int(TRT_STOP_TOLERANCE * reference) + 1, f"groups TRT {ours} / PyTorch {reference}"))
+    plain_options = DecodeOptions(max_steps=min(options.max_steps, 100), stop_enabled=False)
+    mels = []
+    for graph in (True, False):
+        with TrtBackend(manifest, cuda_graph=graph) as backend:
+            mels.append(decode(backend, cfg, ids, None, plain_options, seed=seeds[0]).mel)
+    checks.append(Check("trt cuda graph vs plain step", float(np.abs(mels[0] - mels[1]).max()), 1e-6,
+                        "mel max abs diff"))
+    return checks
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("engine", help="engine directory")
     p.add_argument("--ckpt", required=True, help="the checkpoint the engine was exported from")
     p.add_argument("--seeds", default="0,1,2", help="seeds of the free-running comparisons (default: %(default)s)")
     p.add_argument("--max-steps", type=int, default=300, help="cap per free-running decode (default: %(default)s)")
+    p.add_argument("--trt", action="store_true", help="also check the TensorRT engines (needs an NVIDIA GPU)")
     args = p.parse_args(argv)
     manifest, model = read_manifest(args.engine), load_checkpoint(args.ckpt)
     if manifest.config != model.cfg:
         print("error: the engine was exported from a different config than --ckpt", file=sys.stderr)
         return 2
+    if args.trt:
+        from melle_runtime.trt_backend import check_build, require_gpu
+
+        try:
+            trt, _, device = require_gpu()
+            check_build(manifest, trt.__version__, device)
+        except EngineError as err:
+            print(f"error: --trt: {err}", file=sys.stderr)
+            return 2
     seeds = [int(s) for s in args.seeds.split(",")]
     checks = graph_checks(manifest, model, np.random.default_rng(2024))
     checks.append(kv_mode_check(manifest, DecodeOptions(max_steps=50, stop_enabled=False)))
@@ -94,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     checks += [trajectory_check(manifest, model, s, DecodeOptions(max_steps=args.max_steps)) for s in seeds]
     checks.append(trajectory_check(manifest, model, seeds[0], DecodeOptions(max_steps=args.max_steps,
                                                                             stop_enabled=False)))
+    if args.trt:
+        checks += trt_checks(manifest, model, seeds, DecodeOptions(max_steps=args.max_steps))
     print(f"{'check':32s} {'value':>10s} {'limit':>8s}  result  detail")
     for c in checks:
         print(f"{c.name:32s} {c.value:10.2e} {c.limit:8.0e}  {'ok' if c.passed else 'FAIL':6s}  {c.detail}")

@@ -67,9 +67,10 @@ class Synthesizer:
         self.preset = get_preset(self.cfg.mel_preset)
         self.tokenizer = tokenizer_from_spec(self.cfg.tokenizer)
         self.backend = make_backend(self.manifest, backend, threads)
-        vocoder_device = "cuda" if backend in ("ort-cuda", "trt") else "cpu"
-        self.vocoder = (make_session(self.manifest.graph_path("vocoder"), available_providers(vocoder_device), threads)
-                        if self.manifest.has_vocoder else None)
+        self.vocoder = None
+        if self.manifest.has_vocoder and backend != "trt":  # the TensorRT backend has its own vocoder engine
+            device = "cuda" if backend == "ort-cuda" else "cpu"
+            self.vocoder = make_session(self.manifest.graph_path("vocoder"), available_providers(device), threads)
 
     @property
     def sample_rate(self) -> int:
@@ -96,9 +97,12 @@ class Synthesizer:
 
     def vocode(self, mel: np.ndarray) -> np.ndarray:
         """Waveform ``[samples]`` float32 from a log-mel ``[frames, n_mels]``."""
-        if self.vocoder is None:
+        if not self.manifest.has_vocoder:
             raise EngineError(f"{self.manifest.directory} was exported without a vocoder (--vocoder none)")
-        return self.vocoder.run(None, {"mel": mel[None].astype(np.float32)})[0][0]
+        mel = mel[None].astype(np.float32)
+        if self.vocoder is None:
+            return self.backend.vocode(mel)[0]
+        return self.vocoder.run(None, {"mel": mel})[0][0]
 
     def speak(self, text: str, prompt_wav=None, prompt_text: str | None = None, seed: int | None = None,
               options: SynthesisOptions = SynthesisOptions()) -> Speech:

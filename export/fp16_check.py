@@ -1,0 +1,188 @@
+"""FP16 risk of the decoder step and latent head, measured on CPU (no GPU, no TensorRT).
+
+    python export/fp16_check.py [--preset tiny small] [--engine DIR ...] [--steps 300]
+
+Converts both graphs to FP16 with the FP32 islands of the TensorRT build
+(``trt_support.fp32_islands``: LayerNorm, softmax, exp(0.5 * logvar), the stop head),
+runs a long decode on ONNX Runtime CPU with the FP32 graphs and, at every step, feeds
+the FP16 graphs the same inputs: the FP32 trajectory's frames, masks, position and cache
+(teacher forcing, so one step's rounding does not compound into the next). Reports per
+step the relative error ``max|fp16 - fp32| / max|fp32|`` of e and the new K/V (step
+graph), of mu and y' (FP16 step then FP16 latent head), the stop logit's absolute error,
+and whether every FP16 output stayed finite.
+What this measures: ORT CPU runs most FP16 nodes (MatMul, Add, Mul, ...) through FP32
+kernels with casts it inserts itself, so every tensor is rounded to FP16 as on the GPU
+and overflows to inf as there, but sums accumulate in FP32 - as TensorRT's FP16 GEMMs
+usually do. Kernels that accumulate in FP16, fusions and tactic choices are TensorRT's
+own and are not modelled: the GPU tests (tests/test_trt.py) measure those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from melle.noise import NoiseSource
+from melle.text import EOS_ID
+from melle_export.trt_support import fp32_islands
+from melle_runtime.manifest import read_manifest
+
+FP32_OPS = ["LayerNormalization", "Softmax", "Exp"]  # by type, in addition to the named islands
+RESULTS_DIR = Path("benchmarks/results/fp16_risk")
+
+
+def _prepare(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy that onnxconverter-common converts correctly (works around two of its bugs).
+
+    1. torch shares a weight between modules through ``Identity(initializer)`` nodes; the
+       converter turns the initializer to FP16 but leaves a blocked consumer expecting FP32.
+       The Identity is folded: consumers read the initializer itself.
+    2. A graph output that other nodes also read is renamed to its FP32 cast, and those
+       readers then get FP32 where they expect FP16. Every output is exposed instead
+       through an ``Identity`` of an internal tensor that only the graph reads.
+    """
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    outputs = [o.name for o in graph.output]
+    alias = {n.output[0]: n.input[0] for n in graph.node
+             if n.op_type == "Identity" and n.input[0] in initializers and n.output[0] not in outputs}
+    internal = {name: f"{name}/internal" for name in outputs}
+
+    def rename(name: str) -> str:
+        name = alias.get(name, name)
+        return internal.get(name, name)
+
+    nodes = [n for n in graph.node if n.output[0] not in alias]
+    for node in nodes:
+        node.input[:] = [rename(i) for i in node.input]
+        node.output[:] = [rename(o) for o in node.output]
+    nodes += [onnx.helper.make_node("Identity", [internal[o]], [o], name=f"{o}/output") for o in outputs]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """FP16 copy of ``model`` with FP32 I/O and the TensorRT build's FP32 islands."""
+    from onnxconverter_common.float16 import convert_float_to_float16
+
+    islands = sorted(fp32_islands(model))  # names of the original nodes, kept by _prepare
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the converter warns about every value it clamps to FP16
+        return convert_float_to_float16(_prepare(model), keep_io_types=True, op_block_list=FP32_OPS,
+                                        node_block_list=islands)
+
+
+def _session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+
+
+def relative_error(approx: np.ndarray, exact: np.ndarray) -> float:
+    """``max|approx - exact| / max|exact|``: scale-free and stable where elements pass zero."""
+    return float(np.abs(approx - exact).max() / max(float(np.abs(exact).max()), 1e-12))
+
+
+def fp16_risk(engine_dir: str | Path, steps: int = 300, seed: int = 0) -> dict:
+    """Per-step FP16-vs-FP32 errors of a teacher-forced ``steps``-step decode of ``engine_dir``."""
+    manifest = read_manifest(engine_dir)
+    cfg = manifest.config
+    step_model, latent_model = (onnx.load(str(manifest.graph_path(g))) for g in ("decoder_step", "latent_head"))
+    prefill32, step32, latent32 = (_session(manifest.graph_path(g)) for g in ("prefill", "decoder_step",
+                                                                            "latent_head"))
+    step16, latent16 = _session(to_fp16(step_model)), _session(to_fp16(latent_model))
+
+    ids = [2 + (7 * i) % (cfg.n_text_vocab - 2) for i in range(20)] + [EOS_ID]
+    text = np.array([ids], np.int64)
+    prefix = text.shape[1]
+    steps = min(steps, manifest.max_len - prefix)
+    source = NoiseSource(cfg, 1, seed=seed)
+    no_prompt = np.zeros((1, 0, cfg.frame_dim), np.float32)
+    e32, *present = prefill32.run(None, {"text": text, "prompt_frames": no_prompt,
+                                         "prompt_masks": source.prompt(0)})
+    cache = [np.zeros((prefix + steps, 1, cfg.n_head, cfg.head_dim), np.float32) for _ in present]
+    for buffer, new in zip(cache, present):
+        buffer[:prefix] = new
+    past_names = [i.name for i in step32.get_inputs()][3:]
+
+    series: dict[str, list[float]] = {"e": [], "kv": [], "mu": [], "y": [], "stop_abs": []}
+    finite = True
+    e16 = e32  # the prefill stays FP32: step 0's latent head sees the FP32 e
+    for t in range(steps):
+        masks, eps = source.step()
+        mu32, _, y32, stop32 = latent32.run(None, {"e": e32, "eps": eps})
+        mu16, logvar16, y16, stop16 = latent16.run(None, {"e": e16, "eps": eps})
+        finite &= all(np.isfinite(a).all() for a in (mu16, logvar16, y16, stop16))
+        series["mu"].append(relative_error(mu16, mu32))
+        series["y"].append(relative_error(y16, y32))
+        series["stop_abs"].append(float(np.abs(stop16 - stop32).max()))
+        if t + 1 == steps:
+            break
+        position = prefix + t
+        feed = {"frames": y32, "prenet_masks": masks, "position": np.array([position], np.int64),
+                **{name: buffer[:position] for name, buffer in zip(past_names, cache)}}
+        e32, *present32 = step32.run(None, feed)
+        e16, *present16 = step16.run(None, feed)
+        finite &= bool(np.isfinite(e16).all()) and all(np.isfinite(p).all() for p in present16)
+        series["e"].append(relative_error(e16, e32))
+        series["kv"].append(max(relative_error(a, b) for a, b in zip(present16, present32)))
+        for buffer, new in zip(cache, present32):
+            buffer[position] = new[0]
+
+    summary = {name: {"max": max(v), "mean": float(np.mean(v)), "p99": float(np.percentile(v, 99))}
+               for name, v in series.items()}
+    return {"engine": str(engine_dir), "config": {k: getattr(cfg, k) for k in ("n_layer", "n_head", "d_model", "r")},
+            "steps": steps, "seed": seed, "fp32_ops": FP32_OPS, "all_finite": bool(finite),
+            "summary": summary, "per_step": series}
+
+
+def preset_risk(preset: str, steps: int, seed: int = 0) -> dict:
+    """``fp16_risk`` of a freshly exported random-weight model of ``preset``."""
+    from melle.checkpoint import save_checkpoint
+    from melle.init import random_model
+    from melle_export.to_onnx import export
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(Path(tmp) / "ckpt", random_model(preset, seed).eval())
+        engine = export(Path(tmp) / "ckpt", Path(tmp) / "engine", vocoder="none")
+        result = fp16_risk(engine, steps, seed)
+    result["engine"] = f"random {preset} (seed {seed})"
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", nargs="*", default=["tiny", "small"],
+                   help="random-weight presets (default: %(default)s)")
+    p.add_argument("--engine", nargs="*", default=[], help="engine directories to check as well")
+    p.add_argument("--steps", type=int, default=300, help="decode steps (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="noise and weight seed (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="JSON directory (default: %(default)s)")
+    args = p.parse_args(argv)
+    from melle.fileio import write_text_atomic
+
+    runs = {f"random-{name}": lambda name=name: preset_risk(name, args.steps, args.seed) for name in args.preset}
+    runs.update({Path(d).resolve().name: lambda d=d: fp16_risk(d, args.steps, args.seed) for d in args.engine})
+    print(f"{'model':18s} {'steps':>5s} {'e max':>9s} {'kv max':>9s} {'mu max':>9s} {'y max':>9s} "
+          f"{'stop abs':>9s}  finite")
+    for name, run in runs.items():
+        result = run()
+        write_text_atomic(args.out / f"{name}.json", json.dumps(result, indent=1) + "\n")
+        s = result["summary"]
+        print(f"{name:18s} {result['steps']:5d} {s['e']['max']:9.2e} {s['kv']['max']:9.2e} {s['mu']['max']:9.2e} "
+              f"{s['y']['max']:9.2e} {s['stop_abs']['max']:9.2e}  {result['all_finite']}")
+    print(f"wrote {args.out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
