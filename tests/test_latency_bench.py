@@ -1,0 +1,116 @@
+"""The latency benchmark end to end on the tiny preset: bookkeeping, not speed."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from melle.decoding import DecodeOptions, decode
+from melle.generate import TorchBackend
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKENDS = ["torch-nocache", "torch-cache", "ort-cpu", "ort-cpu-int8", "ort-cuda", "trt"]
+RS = [1, 2]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("latency_bench", ROOT / "benchmarks" / "latency.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run(
+        [sys.executable, "benchmarks/latency.py", "--presets", "tiny", "--backends", ",".join(BACKENDS),
+         "--r", ",".join(map(str, RS)), "--batch", "1,2", "--positions", "16,64", "--trials", "2",
+         "--no-table5-vocoder", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, json.loads((out / "latency.json").read_text())
+
+
+def lookup(report, path):
+    for key in path:
+        report = report[key]
+    return report
+
+
+def test_every_requested_entry_is_there_or_says_why_not(run):
+    _, report = run
+    entries = report["results"]["tiny"]
+    assert list(entries) == BACKENDS
+    for backend, entry in entries.items():
+        if "skipped" in entry:  # ort-cuda and trt without a GPU
+            assert isinstance(entry["skipped"], str) and entry["skipped"]
+            continue
+        assert set(entry["step"]["prefix"]) == {"16", "64"}
+        assert set(entry["batch"]) == {"1", "2"}
+        assert all("candidates_per_s" in row or row["skipped"] for row in entry["batch"].values())
+        assert set(entry["table5"]) == {"1", "2"}
+        assert entry["peak_rss_mb"] > 0
+    assert set(entries["ort-cpu"]["step"]) == {"prefix", "full"}
+    assert "skipped" in entries["torch-nocache"]["table5"]["1"]  # 10 s at r=1 needs 1270 positions
+    assert len(entries["torch-nocache"]["table5"]["2"]["trials_s"]) == 1
+    assert all(len(entries["torch-cache"]["table5"][str(r)]["trials_s"]) == 2 for r in RS)
+    assert report["models"]["tiny"]["1"]["int8_parity"] is not None
+    assert report["machine"]["env"]["OMP_WAIT_POLICY"] and report["machine"]["memory_read_gbs"] > 0
+
+
+def test_decodes_make_exactly_the_requested_length(run):
+    _, report = run
+    for entry in report["results"]["tiny"].values():
+        if "skipped" in entry:
+            continue
+        for r in RS:
+            row = entry["table5"][str(r)]
+            if "skipped" in row:  # the no-cache baseline stops at position 1000
+                assert "position" in row["skipped"]
+                continue
+            assert row["steps"] == math.ceil(861 / r) and row["frames"] == row["steps"] * r
+            assert row["rtf"] == pytest.approx(row["mean_s"] / 10)
+        assert entry["first_audio"]["steps"] == 43  # 0.5 s at r=1
+        assert entry["batch"]["1"]["steps"] == 172  # 2 s at r=1
+
+
+def test_ratios_come_from_the_raw_numbers(run):
+    _, report = run
+    pairs = {(s["fast"], s["slow"]) for s in report["speedups"]}
+    assert pairs == {("ort-cpu", "torch-cache"), ("ort-cpu-int8", "ort-cpu"), ("torch-cache", "torch-nocache")}
+    for s in report["speedups"]:
+        assert s["speedup"] == pytest.approx(lookup(report, s["slow_path"]) / lookup(report, s["fast_path"]))
+        if s["metric"].startswith("Table 5"):
+            assert lookup(report, s["fast_path"]) == pytest.approx(np.mean(lookup(report, s["fast_path"][:-1] + ["trials_s"])))
+        else:
+            assert lookup(report, s["fast_path"]) == pytest.approx(np.median(lookup(report, s["fast_path"][:-1] + ["raw_ms"])))
+    growth = {g["backend"]: g for g in report["growth"]}
+    assert "read_floor_ms" in growth["ort-cpu"] and "read_floor_ms" not in growth["torch-nocache"]
+
+
+def test_writes_markdown_and_plots(run):
+    out, _ = run
+    markdown = (out / "latency.md").read_text()
+    for heading in ("Per-step latency", "Time to first audio", "Paper Table 5", "Batch throughput", "INT8",
+                    "Speed-ups", "Memory"):
+        assert heading in markdown
+    for png in ("step_latency.png", "table5.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_cache_baseline_decodes_like_the_cached_reference(tiny_checkpoint):
+    from melle.checkpoint import load_checkpoint
+
+    model = load_checkpoint(tiny_checkpoint(2))
+    options = DecodeOptions(max_steps=12, stop_enabled=False)
+    prompt = np.random.default_rng(0).standard_normal((6, model.cfg.n_mels)).astype(np.float32)
+    cached = decode(TorchBackend(model), model.cfg, [3, 4, 5, 6], prompt, options, seed=1)
+    recomputed = decode(load_bench().NoCacheTorchBackend(model), model.cfg, [3, 4, 5, 6], prompt, options, seed=1)
+    np.testing.assert_allclose(recomputed.mel, cached.mel, atol=1e-4)
