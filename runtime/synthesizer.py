@@ -16,7 +16,7 @@ import numpy as np
 
 from melle.audio import get_preset, load_wav, mel_spectrogram
 from melle.decoding import Decoded, DecodeOptions, decode
-from melle.text import EmptyTextError, tokenizer_from_spec
+from melle.text import EmptyTextError, normalize_text, tokenizer_from_spec
 from melle_runtime.manifest import EngineError, read_manifest
 from melle_runtime.ort_backend import OrtBackend, available_providers, make_session
 
@@ -107,7 +107,7 @@ class Synthesizer:
     def speak(self, text: str, prompt_wav=None, prompt_text: str | None = None, seed: int | None = None,
               options: SynthesisOptions = SynthesisOptions()) -> Speech:
         """Speak ``text`` sentence by sentence (seed + i for sentence i), joined by short pauses."""
-        sentences = split_sentences(text)
+        sentences = split_sentences(normalize_text(text))  # "Dr." and "3.5" must not end a sentence
         if not sentences:
             raise EmptyTextError("nothing to say: the text is empty")
         prompt = self.prompt_mel(prompt_wav, prompt_text) if prompt_wav is not None else None

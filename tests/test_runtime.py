@@ -118,3 +118,8 @@ def test_api_joins_sentences_with_a_pause(voiced_engine):
 def test_split_sentences():
     assert split_sentences(" One. Two!  Three? four; five ") == ["One.", "Two!", "Three?", "four;", "five"]
     assert split_sentences("   ") == []
+
+
+def test_abbreviations_and_decimals_do_not_split_sentences(voiced_engine):
+    speech = Synthesizer(voiced_engine).speak("Dr. Smith paid 3.5 dollars. Then he left!", seed=0)
+    assert len(speech.mels) == 2
