@@ -111,6 +111,9 @@ def decode(backend: DecoderBackend, cfg: MelleConfig, text_ids: list[int], promp
     for t in range(max_steps):
         masks, eps = source.step()
         _, _, y, stop = backend.latent(e, eps)
+        if not (np.isfinite(y).all() and np.isfinite(stop).all()):
+            raise FloatingPointError(f"the model produced NaN/inf at step {t}: the weights are damaged or a "
+                                     "reduced-precision backend overflowed; try the FP32 backend (ort-cpu)")
         outputs.append(y)
         stop_logits.append(stop)
         for b in range(batch):

@@ -114,3 +114,11 @@ def test_backend_reuses_its_cache_between_calls():
     assert backend.cache is first
     backend.start(3, 30)
     assert backend.cache is not first
+
+
+def test_non_finite_output_is_an_error_not_silent_audio():
+    model = tiny_model(r=1)
+    with torch.no_grad():
+        model.latent.to_stats.bias[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN/inf at step 0"):
+        generate(model, [3, 4], options=DecodeOptions(max_steps=5), seed=0)
