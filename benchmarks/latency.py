@@ -231,17 +231,9 @@ class NoCacheTorchBackend:
 
 def torch_vocoder() -> Callable[[np.ndarray], np.ndarray]:
     """The PyTorch HiFi-GAN as mel ``[frames, n_mels]`` -> waveform."""
-    import torch
+    from melle.vocoder import load_hifigan, numpy_vocoder
 
-    from melle.vocoder import load_hifigan
-
-    generator, _ = load_hifigan(VOCODER)
-
-    @torch.inference_mode()
-    def vocode(mel: np.ndarray) -> np.ndarray:
-        return generator(torch.from_numpy(np.ascontiguousarray(mel.T[None])))[0, 0].numpy()
-
-    return vocode
+    return numpy_vocoder(load_hifigan(VOCODER)[0])
 
 
 def open_vocoder(backend: str, engine: str) -> Callable[[np.ndarray], np.ndarray]:

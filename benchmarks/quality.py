@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import time
@@ -33,7 +32,6 @@ import soxr
 from tqdm import tqdm
 
 from melle.audio import get_preset, load_wav, mel_spectrogram, save_wav
-from melle.decoding import DecodeOptions
 from melle.fileio import write_text_atomic
 from melle_runtime.synthesizer import SynthesisOptions, Synthesizer
 from quality_metrics import Row, build_report, cosine, mean_embedding, render_markdown, summarize_prompted, \
@@ -178,11 +176,7 @@ class Reference:
         self.tokenizer = tokenizer_from_spec(self.model.cfg.tokenizer)
         self.preset = get_preset(self.model.cfg.mel_preset)
         self.vocoder = torch_vocoder(self.model.cfg.mel_preset)
-        # The runtime's default stop threshold and 30 s cap, in frame groups.
-        defaults = SynthesisOptions()
-        frames = defaults.max_seconds * self.preset.sample_rate / self.preset.hop_length
-        self.options = DecodeOptions(stop_threshold=defaults.stop_threshold,
-                                     max_steps=max(1, math.ceil(frames / self.model.cfg.r)))
+        self.options = SynthesisOptions().decode_options(self.model.cfg, self.preset)  # the runtime's defaults
 
     def clip(self, text: str, seed: int) -> Clip:
         """The checkpoint speaks ``text`` with ``seed``."""
@@ -198,19 +192,12 @@ class Reference:
 @lru_cache(maxsize=1)
 def torch_vocoder(mel_preset: str) -> Vocoder:
     """The PyTorch HiFi-GAN universal generator, checked against the mel preset it will be fed."""
-    import torch
-
-    from melle.vocoder import UNIVERSAL, load_hifigan, mel_preset_of
+    from melle.vocoder import UNIVERSAL, load_hifigan, mel_preset_of, numpy_vocoder
 
     generator, cfg = load_hifigan(UNIVERSAL)
     if mel_preset_of(cfg) != mel_preset:
         raise SystemExit(f"{UNIVERSAL} expects mel preset {mel_preset_of(cfg)!r}, the model uses {mel_preset!r}")
-
-    @torch.inference_mode()
-    def vocode(mel: np.ndarray) -> np.ndarray:
-        return generator(torch.from_numpy(np.ascontiguousarray(mel.T[None])))[0, 0].numpy()
-
-    return vocode
+    return numpy_vocoder(generator)
 
 
 def recording_clip(utterance: Utterance, rate: int) -> Clip:

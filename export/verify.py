@@ -50,12 +50,22 @@ class Check:
         return self.value < self.limit
 
 
-def graph_checks(manifest, model, rng) -> list[Check]:
-    specs = model_graphs(model)
+def engine_specs(manifest, model) -> dict:
+    """Graph specs by name for every graph in the engine (the vocoder when it has one)."""
+    specs = {s.name: s for s in model_graphs(model)}
     if manifest.has_vocoder:
-        specs.append(vocoder_graph(load_hifigan(manifest.raw["vocoder"])[0], model.cfg.n_mels))
+        specs["vocoder"] = vocoder_graph(load_hifigan(manifest.raw["vocoder"])[0], model.cfg.n_mels)
+    return specs
+
+
+def probe_ids(cfg) -> list[int]:
+    """A 20-token text that walks through the vocabulary, for the decode comparisons."""
+    return [2 + (7 * i) % (cfg.n_text_vocab - 2) for i in range(20)]
+
+
+def graph_checks(manifest, specs: dict, rng) -> list[Check]:
     checks = []
-    for spec in specs:
+    for spec in specs.values():
         inputs = spec.example(rng)
         diff = max_abs_diff(ort_run(manifest.graph_path(spec.name), spec.inputs, inputs), run_torch(spec, inputs))
         limit = VOCODER_TOLERANCE if spec.name == "vocoder" else GRAPH_TOLERANCE
@@ -63,20 +73,20 @@ def graph_checks(manifest, model, rng) -> list[Check]:
     return checks
 
 
-def kv_mode_check(manifest, options: DecodeOptions) -> Check:
-    ids = [2 + i % (manifest.config.n_text_vocab - 2) for i in range(12)]
-    prefix = decode(OrtBackend(manifest, kv_mode="prefix"), manifest.config, ids, None, options, seed=0)
+def kv_mode_check(manifest, prefix_backend: OrtBackend, options: DecodeOptions) -> Check:
+    ids = probe_ids(manifest.config)
+    prefix = decode(prefix_backend, manifest.config, ids, None, options, seed=0)
     full = decode(OrtBackend(manifest, kv_mode="full"), manifest.config, ids, None, options, seed=0)
     return Check("kv modes prefix vs full", float(np.abs(prefix.mel - full.mel).max()), 1e-5, "mel max abs diff")
 
 
-def trajectory_check(manifest, model, seed: int, options: DecodeOptions) -> Check:
+def trajectory_check(backend: OrtBackend, model, seed: int, options: DecodeOptions) -> Check:
     """One free-running decode on both sides; a different stop step fails outright."""
-    ids = [2 + (7 * i) % (manifest.config.n_text_vocab - 2) for i in range(20)]
+    ids = probe_ids(model.cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a random model may not stop: both sides are cut alike
         reference = generate(model, ids, None, options, seed=seed)
-        ours = decode(OrtBackend(manifest), manifest.config, ids, None, options, seed=seed)
+        ours = decode(backend, model.cfg, ids, None, options, seed=seed)
     same_stop = ours.n_groups == reference.n_groups
     diff = float(np.abs(ours.mel - reference.mel).max()) if same_stop else float("inf")
     mode = "stop on" if options.stop_enabled else "stop off"
@@ -110,16 +120,13 @@ def teacher_forced(reference, candidate, cfg, ids: list[int], steps: int, seed: 
     return errors
 
 
-def trt_graph_checks(manifest, model, rng) -> list[Check]:
+def trt_graph_checks(manifest, specs: dict, rng) -> list[Check]:
     """Each TensorRT engine vs ONNX Runtime on the same inputs, run through Polygraphy's comparator."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.backend.trt import EngineFromPath, TrtRunner
     from polygraphy.comparator import Comparator
 
     entry = manifest.raw["trt"]
-    specs = {s.name: s for s in model_graphs(model)}
-    if manifest.has_vocoder:
-        specs["vocoder"] = vocoder_graph(load_hifigan(manifest.raw["vocoder"])[0], model.cfg.n_mels)
     checks = []
     for name, engine in entry["engines"].items():
         feed = dict(zip(specs[name].inputs, specs[name].example(rng)))
@@ -134,13 +141,13 @@ def trt_graph_checks(manifest, model, rng) -> list[Check]:
     return checks
 
 
-def trt_checks(manifest, model, seeds: list[int], options: DecodeOptions) -> list[Check]:
+def trt_checks(manifest, model, specs: dict, seeds: list[int], options: DecodeOptions) -> list[Check]:
     """TensorRT engines: per graph vs ORT, teacher-forced and free-running vs PyTorch, CUDA graph vs not."""
     from melle_runtime.trt_backend import TrtBackend
 
     cfg = manifest.config
-    ids = [2 + (7 * i) % (cfg.n_text_vocab - 2) for i in range(20)]
-    checks = trt_graph_checks(manifest, model, np.random.default_rng(2025))
+    ids = probe_ids(cfg)
+    checks = trt_graph_checks(manifest, specs, np.random.default_rng(2025))
     with TrtBackend(manifest) as backend, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a random model may not stop: both sides are cut alike
         errors = teacher_forced(TorchBackend(model), backend, cfg, ids, min(options.max_steps, 200))
@@ -183,15 +190,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --trt: {err}", file=sys.stderr)
             return 2
     seeds = [int(s) for s in args.seeds.split(",")]
-    checks = graph_checks(manifest, model, np.random.default_rng(2024))
-    checks.append(kv_mode_check(manifest, DecodeOptions(max_steps=50, stop_enabled=False)))
+    specs = engine_specs(manifest, model)
+    backend = OrtBackend(manifest)  # one set of sessions for every ORT decode below
+    checks = graph_checks(manifest, specs, np.random.default_rng(2024))
+    checks.append(kv_mode_check(manifest, backend, DecodeOptions(max_steps=50, stop_enabled=False)))
     # With the stop rule (trained models), and the full length without it (long trajectories
     # even for random models, whose stop head may fire at once).
-    checks += [trajectory_check(manifest, model, s, DecodeOptions(max_steps=args.max_steps)) for s in seeds]
-    checks.append(trajectory_check(manifest, model, seeds[0], DecodeOptions(max_steps=args.max_steps,
-                                                                            stop_enabled=False)))
+    checks += [trajectory_check(backend, model, s, DecodeOptions(max_steps=args.max_steps)) for s in seeds]
+    checks.append(trajectory_check(backend, model, seeds[0], DecodeOptions(max_steps=args.max_steps,
+                                                                           stop_enabled=False)))
     if args.trt:
-        checks += trt_checks(manifest, model, seeds, DecodeOptions(max_steps=args.max_steps))
+        checks += trt_checks(manifest, model, specs, seeds, DecodeOptions(max_steps=args.max_steps))
     print(f"{'check':32s} {'value':>10s} {'limit':>8s}  result  detail")
     for c in checks:
         print(f"{c.name:32s} {c.value:10.2e} {c.limit:8.0e}  {'ok' if c.passed else 'FAIL':6s}  {c.detail}")

@@ -217,3 +217,13 @@ def load_hifigan(path_or_name: str) -> tuple[Generator, HifiganConfig]:
     except RuntimeError as err:
         raise VocoderError(f"{ckpt_path} does not match the generator described by {config_path}: {err}") from None
     return model.eval(), config
+
+
+def numpy_vocoder(generator: Generator):
+    """Wrap ``generator`` as log-mel ``[frames, n_mels]`` (numpy, frames first) -> waveform ``[samples]``."""
+
+    @torch.inference_mode()
+    def vocode(mel):
+        return generator(torch.from_numpy(mel.T[None].copy()))[0, 0].numpy()
+
+    return vocode

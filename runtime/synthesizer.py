@@ -32,6 +32,12 @@ class SynthesisOptions:
     pause_seconds: float = 0.25  # silence between sentences of a long text
     stop_threshold: float = 0.5
 
+    def decode_options(self, cfg, preset) -> DecodeOptions:
+        """The decode loop's options for a model ``cfg`` whose frames follow mel ``preset``."""
+        frames_per_second = preset.sample_rate / preset.hop_length
+        max_steps = max(1, math.ceil(self.max_seconds * frames_per_second / cfg.r))
+        return DecodeOptions(stop_threshold=self.stop_threshold, max_steps=max_steps, candidates=self.candidates)
+
 
 @dataclass
 class Speech:
@@ -89,11 +95,7 @@ class Synthesizer:
         ids = self.tokenizer.encode(text, on_unknown="drop")
         if prompt_mel is not None:
             ids = self.tokenizer.encode(prompt_text, on_unknown="drop") + ids
-        frames_per_second = self.preset.sample_rate / self.preset.hop_length
-        max_steps = max(1, math.ceil(options.max_seconds * frames_per_second / self.cfg.r))
-        decode_options = DecodeOptions(stop_threshold=options.stop_threshold, max_steps=max_steps,
-                                       candidates=options.candidates)
-        return decode(self.backend, self.cfg, ids, prompt_mel, decode_options, seed=seed)
+        return decode(self.backend, self.cfg, ids, prompt_mel, options.decode_options(self.cfg, self.preset), seed=seed)
 
     def vocode(self, mel: np.ndarray) -> np.ndarray:
         """Waveform ``[samples]`` float32 from a log-mel ``[frames, n_mels]``."""

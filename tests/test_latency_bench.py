@@ -1,29 +1,19 @@
 """The latency benchmark end to end on the tiny preset: bookkeeping, not speed."""
 
-import importlib.util
 import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import ROOT, load_benchmark
 from melle.decoding import DecodeOptions, decode
 from melle.generate import TorchBackend
 
-ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ["torch-nocache", "torch-cache", "ort-cpu", "ort-cpu-int8", "ort-cuda", "trt"]
 RS = [1, 2]
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("latency_bench", ROOT / "benchmarks" / "latency.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -112,5 +102,5 @@ def test_no_cache_baseline_decodes_like_the_cached_reference(tiny_checkpoint):
     options = DecodeOptions(max_steps=12, stop_enabled=False)
     prompt = np.random.default_rng(0).standard_normal((6, model.cfg.n_mels)).astype(np.float32)
     cached = decode(TorchBackend(model), model.cfg, [3, 4, 5, 6], prompt, options, seed=1)
-    recomputed = decode(load_bench().NoCacheTorchBackend(model), model.cfg, [3, 4, 5, 6], prompt, options, seed=1)
+    recomputed = decode(load_benchmark("latency").NoCacheTorchBackend(model), model.cfg, [3, 4, 5, 6], prompt, options, seed=1)
     np.testing.assert_allclose(recomputed.mel, cached.mel, atol=1e-4)

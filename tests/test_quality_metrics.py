@@ -1,26 +1,15 @@
 """The quality benchmark's pure parts: WER normalisation and arithmetic, aggregation, the markdown table."""
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, load_benchmark
 
-
-def load_metrics():
-    spec = importlib.util.spec_from_file_location("quality_metrics", ROOT / "benchmarks" / "quality_metrics.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
-
-
-qm = load_metrics()
+qm = load_benchmark("quality_metrics")
 
 
 def row(wer, sim=0.9, seconds=1.0, audio_seconds=2.0, **extra):
