@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             if single:
                 seconds = len(speech.wav) / speech.sample_rate
                 print(f"wrote {target}: {seconds:.2f} s of audio in {elapsed:.2f} s (RTF {elapsed / seconds:.3f})")
-    except (EngineError, EmptyTextError, UnknownSymbolError, AudioError, FileNotFoundError) as err:
+    except (EngineError, EmptyTextError, UnknownSymbolError, AudioError, FileNotFoundError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

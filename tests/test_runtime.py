@@ -123,3 +123,19 @@ def test_split_sentences():
 def test_abbreviations_and_decimals_do_not_split_sentences(voiced_engine):
     speech = Synthesizer(voiced_engine).speak("Dr. Smith paid 3.5 dollars. Then he left!", seed=0)
     assert len(speech.mels) == 2
+
+
+def test_cli_reports_non_finite_output_without_a_traceback(tiny_checkpoint, tmp_path):
+    import torch
+
+    from melle.checkpoint import load_checkpoint, save_checkpoint
+    from melle_export.to_onnx import export
+
+    model = load_checkpoint(tiny_checkpoint(1))
+    with torch.no_grad():
+        model.latent.to_stats.bias[0] = float("nan")
+    save_checkpoint(tmp_path / "ckpt", model)
+    engine = export(tmp_path / "ckpt", tmp_path / "engine", vocoder="hifigan-universal")
+    done = synth("--engine", engine, "--text", "hi.", "--out", tmp_path / "x.wav")
+    assert done.returncode != 0 and "NaN/inf" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "x.wav").exists()
