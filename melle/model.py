@@ -333,9 +333,13 @@ class Melle(nn.Module):
         # Group j is predicted at sequence index text_len - 1 + j.
         out_idx = (text_lens[:, None] - 1 + torch.arange(g, device=text.device)[None, :]).clamp(max=length - 1)
         e = hidden.gather(1, out_idx[..., None].expand(-1, -1, d))  # [B, G, d]
-        mu, logvar, y_groups, stop_logits = self.latent(e, eps)
-        y_coarse = y_groups.reshape(b, g * self.cfg.r, self.cfg.n_mels)  # groups -> frames
-        return MelleOutput(mu, logvar, y_coarse, self.refine(y_coarse), stop_logits, attention)
+        # Under mixed-precision training the heads still run in FP32: their outputs are the
+        # mel values the losses compare at full precision (bf16 keeps ~2-3 digits).
+        with torch.autocast(e.device.type, enabled=False):
+            mu, logvar, y_groups, stop_logits = self.latent(e.float(), eps)
+            y_coarse = y_groups.reshape(b, g * self.cfg.r, self.cfg.n_mels)  # groups -> frames
+            y_refined = self.refine(y_coarse)
+        return MelleOutput(mu, logvar, y_coarse, y_refined, stop_logits, attention)
 
 
 class KVCache:

@@ -71,15 +71,34 @@ def test_kl_weight_schedule():
     assert after.total.item() - before.total.item() == pytest.approx(0.1 * before.kl.item(), rel=1e-5)
 
 
-def test_gradients_reach_every_parameter():
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+def test_gradients_reach_every_parameter(bf16):
     torch.manual_seed(0)
     model = Melle(preset_config("tiny", r=2, n_text_vocab=20, positions="learned"))
     text = torch.arange(2, 20).reshape(2, 9)  # every token id is used
     lens = torch.tensor([9, 6])
     frames = torch.randn(2, 6, model.cfg.frame_dim)
-    out = model(text, lens, frames, torch.tensor([6, 4]), attention_layers=(0,))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model(text, lens, frames, torch.tensor([6, 4]), attention_layers=(0,))
     terms = melle_loss(out, frames.reshape(2, 12, -1), torch.tensor([12, 7]), torch.tensor([6, 4]), lens,
                        step=20_000, cfg=LossConfig(guided_weight=1.0, guided_layers=(0,)))
     terms.total.backward()
     dead = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not dead, f"no gradient reaches {dead}"
+
+
+def test_bf16_autocast_keeps_heads_fp32_and_close_to_fp32():
+    torch.manual_seed(0)
+    model = Melle(preset_config("tiny", r=2, n_text_vocab=20)).eval()
+    text, lens, groups = torch.randint(2, 20, (2, 7)), torch.tensor([7, 5]), torch.tensor([6, 4])
+    frames = torch.randn(2, 6, model.cfg.frame_dim)
+    masks = model.prenet.sample_masks((2, 5), torch.device("cpu"))
+    eps = torch.randn(2, 6, model.cfg.frame_dim)
+    with torch.no_grad():
+        full = model(text, lens, frames, groups, masks, eps)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(text, lens, frames, groups, masks, eps)
+    for name in ("mu", "logvar", "y_coarse", "y_refined", "stop_logits"):
+        a, b = getattr(full, name), getattr(mixed, name)
+        assert b.dtype == torch.float32, f"{name} must stay FP32 under autocast"
+        assert (a - b).abs().max() < 0.05 * a.abs().max(), name

@@ -74,6 +74,13 @@ def test_resume_continues_where_it_stopped(corpus, tmp_path):
     assert set(state["optimizer"]["state"]), "optimizer moments must be saved for resume"
 
 
+def test_bf16_training_keeps_fp32_weights(corpus, tmp_path):
+    train(corpus, tmp_path, "--steps", 3, "--batch-frames", 200, "--precision", "bf16")
+    model = load_checkpoint(tmp_path / "latest")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert all(np.isfinite(float(row["total"])) for row in read_log(tmp_path))
+
+
 def test_two_process_torchrun_keeps_ranks_identical(corpus, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            "-m", "melle.train", "--manifest", str(corpus), "--preset", "tiny", "--out", str(tmp_path),
