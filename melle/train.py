@@ -79,6 +79,14 @@ def check_ranks_in_sync(model: torch.nn.Module, out: Path, rank: int, world: int
         raise RuntimeError(f"DDP ranks hold different weights: {digests}")
 
 
+def report_schedule_changes(saved: dict, now: dict, rank: int) -> None:
+    """Say which settings a resumed run changes: the command line, not the checkpoint, decides them."""
+    changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
+    if changed and rank == 0:
+        print("resuming with settings that differ from the saved run (saved -> now): "
+              + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+
+
 def build_model(args, train_cfg: TrainConfig, out: Path) -> tuple[Melle, dict | None]:
     latest = out / "latest"
     if args.resume and latest.exists():
@@ -118,6 +126,7 @@ def train(args) -> Path:
                                   weight_decay=train_cfg.weight_decay)
     step, epoch, batch_in_epoch = 0, 0, 0
     if state is not None:
+        report_schedule_changes(state.get("train_config", {}), dataclasses.asdict(train_cfg), rank)
         optimizer.load_state_dict(state["optimizer"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         torch.set_rng_state(state["torch_rng"])

@@ -66,9 +66,10 @@ def test_overfit_a_few_utterances_and_stop_on_time(corpus, tmp_path):
         assert made.stopped == [True] and abs(made.n_groups[0] - truth) <= 3, (text, made.n_groups, truth)
 
 
-def test_resume_continues_where_it_stopped(corpus, tmp_path):
+def test_resume_continues_where_it_stopped(corpus, tmp_path, capsys):
     train(corpus, tmp_path, "--steps", 4, "--batch-frames", 200)
-    train(corpus, tmp_path, "--steps", 3, "--batch-frames", 200, "--resume")
+    train(corpus, tmp_path, "--steps", 3, "--batch-frames", 200, "--resume", "--lr", 5e-4)
+    assert "lr 0.001 -> 0.0005" in capsys.readouterr().out, "a changed schedule must be reported"
     state = load_trainer_state(tmp_path / "latest")
     assert state["step"] == 7
     assert set(state["optimizer"]["state"]), "optimizer moments must be saved for resume"
