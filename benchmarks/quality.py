@@ -6,7 +6,10 @@
 Systems, each scored the same way (Whisper tiny.en transcript against the text, resemblyzer cosine to
 the reference voice): ``runtime`` (the engine on ONNX Runtime), ``reference`` (the PyTorch checkpoint
 with the same seeds and the PyTorch HiFi-GAN), ``ground_truth`` (the recordings of --ground-truth) and
-``ground_truth_vocoded`` (those recordings through mel + vocoder: the ceiling the vocoder allows).
+``ground_truth_vocoded`` (those recordings through mel + vocoder: the ceiling the vocoder allows) and,
+with --ckpt, ``teacher_forced`` (the checkpoint predicting each recording from its true previous frames:
+intelligible here but not in ``reference`` means the model has learned the text but drifts on its own
+output).
 Each test sentence is decoded whole (sentence i with seed + i), as training utterances were, so the
 runtime and the reference draw the same noise. With --prompts, a few sentences are spoken with each
 extra speaker's first recording as a cross-sentence prompt and scored against that speaker and the
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import time
@@ -188,6 +192,20 @@ class Reference:
 
         return timed_clip(make, self.preset.sample_rate)
 
+    def teacher_forced_clip(self, utterance: Utterance, seed: int) -> Clip:
+        """The checkpoint predicting each group of a recording from its true previous frames."""
+        from melle.generate import teacher_forced
+        from melle.noise import dropout_masks
+
+        def make():
+            mel = mel_spectrogram(load_wav(utterance.audio, self.preset.sample_rate), self.preset)
+            groups = math.ceil(len(mel) / self.model.cfg.r)
+            masks = dropout_masks(np.random.default_rng(seed), (groups - 1,), self.model.cfg)
+            tokens = self.tokenizer.encode(utterance.text, on_unknown="drop")
+            return self.vocoder(teacher_forced(self.model, tokens, mel, masks)), {"audio": str(utterance.audio)}
+
+        return timed_clip(make, self.preset.sample_rate)
+
 
 @lru_cache(maxsize=1)
 def torch_vocoder(mel_preset: str) -> Vocoder:
@@ -340,6 +358,11 @@ def main(argv=None) -> None:
         jobs = [(u.text, lambda u=u: vocoded_clip(u, mel_preset, vocoder)) for u in recordings]
         systems["ground_truth_vocoded"] = score_all("ground_truth_vocoded", jobs, scorer, voice, audio_dir)
         save()
+        if reference:
+            jobs = [(u.text, lambda u=u, i=i: reference.teacher_forced_clip(u, args.seed + i))
+                    for i, u in enumerate(recordings)]
+            systems["teacher_forced"] = score_all("teacher_forced", jobs, scorer, voice, audio_dir)
+            save()
     if args.prompts:
         prompted.update(prompted_runs(synth, read_utterances(args.prompts), sentences[: args.prompted_sentences],
                                       args.seed, scorer, voice, audio_dir))

@@ -21,7 +21,7 @@ _SEPARATOR_RE = re.compile(r"[^\w']+|_")
 # Apostrophes at word edges are quote marks, not part of the word ("'hello'" -> "hello").
 _EDGE_APOSTROPHE_RE = re.compile(r"(?<!\w)'+|'+(?!\w)")
 
-SYSTEM_ORDER = ("runtime", "reference", "ground_truth", "ground_truth_vocoded")
+SYSTEM_ORDER = ("runtime", "reference", "teacher_forced", "ground_truth", "ground_truth_vocoded")
 
 
 def normalize_for_wer(text: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from melle.data import collate
 from melle.decoding import Decoded, DecodeOptions, decode
 from melle.model import KVCache, Melle
 from melle.noise import Noise
@@ -61,3 +62,21 @@ def generate(model: Melle, text_ids: list[int], prompt_mel: np.ndarray | None = 
     runtime); ``noise`` replays a recorded one. The result carries the noise it used.
     """
     return decode(TorchBackend(model), model.cfg, text_ids, prompt_mel, options, seed=seed, noise=noise)
+
+
+@torch.inference_mode()
+def teacher_forced(model: Melle, text_ids: list[int], mel: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Refined mel ``[frames, n_mels]`` predicted from the true previous frames of ``mel``.
+
+    Each group of r frames comes from the text and the recording's groups before it, with the
+    latent mean (eps = 0) and pre-net ``masks [G - 1, 2, prenet_dim]``. A training diagnostic:
+    set beside free-running decoding of the same text, it tells what the model has learned
+    apart from how far its own outputs make it drift.
+    """
+    batch = collate([(list(text_ids), mel)], model.cfg)
+    groups = batch.frames.shape[1]
+    if masks.shape[0] != groups - 1:
+        raise ValueError(f"{len(mel)} frames make {groups} groups: need {groups - 1} pre-net masks, got {masks.shape[0]}")
+    out = model.eval()(batch.text, batch.text_lens, batch.frames, batch.n_groups,
+                       prenet_masks=torch.from_numpy(masks[None]), eps=torch.zeros(1, groups, model.cfg.frame_dim))
+    return out.y_refined[0, : len(mel)].numpy()

@@ -6,9 +6,9 @@ import torch
 
 from melle.config import preset_config
 from melle.decoding import DecodeOptions
-from melle.generate import TorchBackend, generate
+from melle.generate import TorchBackend, generate, teacher_forced
 from melle.model import KVCache, Melle, count_parameters
-from melle.noise import N_PRENET_DROPOUTS
+from melle.noise import N_PRENET_DROPOUTS, Noise
 
 
 def tiny_model(r: int, seed: int = 0) -> Melle:
@@ -94,6 +94,23 @@ def test_same_seed_same_generation_and_noise_replay():
     assert a.mels[0].shape == (15 * 2, model.cfg.n_mels)
     assert np.abs(a.mels[0] - c.mels[0]).max() > 1e-2
     assert np.abs(a.mels[0] - a.mels[1]).max() > 1e-2, "candidates must get different noise"
+
+
+@pytest.mark.parametrize("r", [1, 4])
+def test_teacher_forced_on_its_own_output_reproduces_free_running(r):
+    # Free-running with eps = 0, then fed its own coarse frames with the same masks: the two
+    # passes see identical inputs, so any gap is a bug in how teacher_forced builds them.
+    model = tiny_model(r=r)
+    options = DecodeOptions(max_steps=12, stop_enabled=False)
+    sampled = generate(model, [3, 4, 5, 6], options=options, seed=3)
+    noise = Noise(sampled.noise.prompt_masks, sampled.noise.step_masks,
+                  [np.zeros_like(e) for e in sampled.noise.step_eps])
+    free = generate(model, [3, 4, 5, 6], options=options, noise=noise)
+    masks = np.stack(noise.step_masks[:-1], axis=1)[0]
+    forced = teacher_forced(model, [3, 4, 5, 6], free.coarse[0], masks)
+    np.testing.assert_allclose(forced, free.mel, atol=1e-5)
+    with pytest.raises(ValueError, match="need 11 pre-net masks, got 12"):
+        teacher_forced(model, [3, 4, 5, 6], free.coarse[0], np.stack(noise.step_masks, axis=1)[0])
 
 
 def test_stop_head_ends_generation():

@@ -97,12 +97,13 @@ def test_recordings_have_no_rtf_and_empty_systems_have_no_means():
 
 def test_report_structure_orders_systems_and_is_json():
     systems = {"ground_truth_vocoded": [row(0.1, seconds=0.2)], "ground_truth": [row(0.0, seconds=None)],
-               "runtime": [row(0.3)], "reference": [row(0.2)]}
+               "runtime": [row(0.3)], "teacher_forced": [row(0.1)], "reference": [row(0.2)]}
     prompted = {"flite-slt": qm.summarize_prompted({"audio": "p.wav", "text": "p"},
                                                    [row(0.0, sim=0.7, sim_reference_voice=0.4)])}
     report = qm.build_report(systems, prompted, {"seed": 0})
     assert list(report) == ["systems", "prompted", "config"]
-    assert list(report["systems"]) == ["runtime", "reference", "ground_truth", "ground_truth_vocoded"]
+    assert list(report["systems"]) == ["runtime", "reference", "teacher_forced", "ground_truth",
+                                       "ground_truth_vocoded"]
     assert report["systems"]["runtime"]["wer"] == pytest.approx(0.3)
     assert report["prompted"]["flite-slt"]["sim_speaker"] == pytest.approx(0.7)
     assert report["prompted"]["flite-slt"]["sim_reference_voice"] == pytest.approx(0.4)
