@@ -14,12 +14,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from melle.checkpoint import CheckpointError, load_checkpoint, load_trainer_state, save_checkpoint
-from melle.data import bucket_batches
+from melle.config import preset_config
+from melle.data import bucket_batches, collate
 from melle.decoding import DecodeOptions
 from melle.generate import generate
 from melle.init import random_model
 from melle.text import tokenizer_from_spec
-from melle.train import main as train_main
+from melle.model import Melle
+from melle.train import feed_own_predictions, main as train_main
 
 RATE = 22050
 TEXTS = ["a rising tone.", "falling low, then high!", "buzz"]
@@ -80,6 +82,31 @@ def test_bf16_training_keeps_fp32_weights(corpus, tmp_path):
     model = load_checkpoint(tmp_path / "latest")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert all(np.isfinite(float(row["total"])) for row in read_log(tmp_path))
+
+
+def test_scheduled_sampling_feeds_back_the_models_own_groups():
+    torch.manual_seed(0)
+    model = Melle(preset_config("tiny", r=2, n_text_vocab=40)).eval()
+    rng = np.random.default_rng(0)
+    batch = collate([([3, 4, 5], rng.standard_normal((40, 80)).astype(np.float32)),
+                     ([6, 7], rng.standard_normal((30, 80)).astype(np.float32))], model.cfg)
+    torch.manual_seed(1)  # the pre-net draws its dropout masks: same seed, same prediction
+    own = model(batch.text, batch.text_lens, batch.frames, batch.n_groups).y_coarse.reshape(batch.frames.shape)
+    assert (own - batch.frames).abs().amax(-1).min() > 1e-3, "own predictions must differ from every true group"
+    for rate, (low, high) in {0.0: (0.0, 0.0), 0.5: (0.2, 0.8), 1.0: (1.0, 1.0)}.items():
+        torch.manual_seed(1)
+        fed = feed_own_predictions(model, batch, rate)
+        is_own = torch.isclose(fed, own, atol=1e-6).all(-1)  # [B, G]
+        assert torch.equal(fed[~is_own], batch.frames[~is_own]), "a group is either the true one or the model's own"
+        assert low <= is_own.float().mean().item() <= high, (rate, is_own.float().mean().item())
+
+
+def test_scheduled_sampling_training_runs_and_is_recorded(corpus, tmp_path, capsys):
+    train(corpus, tmp_path, "--steps", 3, "--batch-frames", 200, "--scheduled-sampling", 0.5)
+    assert all(np.isfinite(float(row["total"])) for row in read_log(tmp_path))
+    assert load_trainer_state(tmp_path / "latest")["train_config"]["scheduled_sampling"] == 0.5
+    train(corpus, tmp_path, "--steps", 2, "--batch-frames", 200, "--resume")
+    assert "scheduled_sampling 0.5 -> 0.0" in capsys.readouterr().out
 
 
 def test_two_process_torchrun_keeps_ranks_identical(corpus, tmp_path):
