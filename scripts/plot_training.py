@@ -24,6 +24,7 @@ from melle.fileio import write_text_atomic  # noqa: E402
 
 LOSSES = ["reg", "kl", "flux", "stop", "guided"]
 PROBE_FIELDS = ["step", "system", "n", "wer", "sim", "source"]
+CHECKPOINT_SYSTEMS = ("runtime", "reference", "teacher_forced")  # quality.py systems that change with the step
 
 
 def read_probe(spec: str) -> list[dict]:
@@ -33,7 +34,7 @@ def read_probe(spec: str) -> list[dict]:
         raise SystemExit(f"--probe wants STEP=PATH (e.g. 5389=probes/5389/quality.json), got {spec!r}")
     systems = json.loads(Path(path).read_text())["systems"]
     return [{"step": int(step), "system": name, "n": s["n"], "wer": s["wer"], "sim": s["sim"], "source": path}
-            for name, s in systems.items() if name in ("runtime", "reference")]
+            for name, s in systems.items() if name in CHECKPOINT_SYSTEMS]
 
 
 def write_probes(rows: list[dict], path: Path) -> None:

@@ -22,6 +22,7 @@ def run_plot(tmp_path, *extra):
 def test_probes_join_the_curve_by_step(tmp_path):
     quality = {"systems": {"reference": {"n": 10, "wer": 1.125, "sim": 0.64},
                            "runtime": {"n": 10, "wer": 0.25, "sim": 0.8},
+                           "teacher_forced": {"n": 10, "wer": 0.5, "sim": 0.7},
                            "ground_truth": {"n": 10, "wer": 0.02, "sim": 0.94}}}
     (tmp_path / "q.json").write_text(json.dumps(quality))
     done = run_plot(tmp_path, "--probe", f"26={tmp_path / 'q.json'}")
@@ -31,7 +32,8 @@ def test_probes_join_the_curve_by_step(tmp_path):
         rows = list(csv.DictReader(f))
     # Only synthesised systems are probes; ground truth does not change with the step.
     assert [(r["step"], r["system"], r["wer"], r["sim"]) for r in rows] == [
-        ("26", "reference", "1.1250", "0.6400"), ("26", "runtime", "0.2500", "0.8000")]
+        ("26", "reference", "1.1250", "0.6400"), ("26", "runtime", "0.2500", "0.8000"),
+        ("26", "teacher_forced", "0.5000", "0.7000")]
 
 
 def test_malformed_probe_is_a_clear_error(tmp_path):
