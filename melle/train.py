@@ -89,7 +89,7 @@ def feed_own_predictions(model: Melle, batch: Batch, rate: float) -> torch.Tenso
     """
     with torch.no_grad():
         own = model(batch.text, batch.text_lens, batch.frames, batch.n_groups).y_coarse
-    pick = torch.rand(batch.frames.shape[:2]) < rate  # [B, G]
+    pick = torch.rand(batch.frames.shape[:2], device=batch.frames.device) < rate  # [B, G]
     return torch.where(pick[..., None], own.reshape(batch.frames.shape), batch.frames)
 
 
