@@ -94,8 +94,14 @@ def feed_own_predictions(model: Melle, batch: Batch, rate: float) -> torch.Tenso
 
 
 def report_schedule_changes(saved: dict, now: dict, rank: int) -> None:
-    """Say which settings a resumed run changes: the command line, not the checkpoint, decides them."""
-    changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
+    """Say which settings a resumed run changes: the command line, not the checkpoint, decides them.
+
+    A setting newer than the saved run shows as "unset -> value"; a checkpoint that saved no
+    settings at all has nothing to compare.
+    """
+    if not saved:
+        return
+    changed = {k: (saved.get(k, "unset"), now[k]) for k in now if saved.get(k, "unset") != now[k]}
     if changed and rank == 0:
         print("resuming with settings that differ from the saved run (saved -> now): "
               + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))

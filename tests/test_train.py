@@ -107,6 +107,12 @@ def test_scheduled_sampling_training_runs_and_is_recorded(corpus, tmp_path, caps
     assert load_trainer_state(tmp_path / "latest")["train_config"]["scheduled_sampling"] == 0.5
     train(corpus, tmp_path, "--steps", 2, "--batch-frames", 200, "--resume")
     assert "scheduled_sampling 0.5 -> 0.0" in capsys.readouterr().out
+    # A run saved before the option existed: switching it on must still be announced.
+    state = load_trainer_state(tmp_path / "latest")
+    del state["train_config"]["scheduled_sampling"]
+    torch.save(state, tmp_path / "latest" / "trainer.pt")
+    train(corpus, tmp_path, "--steps", 1, "--batch-frames", 200, "--resume", "--scheduled-sampling", 0.5)
+    assert "scheduled_sampling unset -> 0.5" in capsys.readouterr().out
 
 
 def test_two_process_torchrun_keeps_ranks_identical(corpus, tmp_path):
