@@ -2,7 +2,8 @@
 
 Runs on one process or under ``torchrun`` (DistributedDataParallel: gloo on CPU, nccl
 on GPU). Checkpoints go to ``DIR/latest`` every ``--checkpoint-minutes`` with the
-optimizer state, so a run can stop at any time (``--max-minutes``) and resume.
+optimizer state, so a run can stop at any time (``--max-minutes``, Ctrl-C or ``kill``: the
+step in flight finishes and is saved) and resume.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +82,46 @@ def check_ranks_in_sync(model: torch.nn.Module, out: Path, rank: int, world: int
         raise RuntimeError(f"DDP ranks hold different weights: {digests}")
 
 
+class StopRequest:
+    """Turns the first SIGINT/SIGTERM into a request the loop honours after the step in flight.
+
+    Stopping then saves a checkpoint instead of losing the work since the last one; the first
+    signal restores the previous handlers, so a second one stops at once.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        self._previous = {s: signal.signal(s, self._request) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+        self._restore()
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving "
+              "(send it again to stop at once)", flush=True)
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def agreed(self, world: int, device: torch.device) -> bool:
+        """Under DDP every rank must stop after the same step, even if only one got the signal."""
+        if world == 1:
+            return self.requested
+        flag = torch.tensor([int(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
 def feed_own_predictions(model: Melle, batch: Batch, rate: float) -> torch.Tensor:
     """Input frame groups with a share ``rate`` replaced by the model's own predictions of them.
 
@@ -140,7 +182,8 @@ def train(args) -> Path:
         dist.barrier()
 
     model.train()
-    device_type = next(model.parameters()).device.type
+    device = next(model.parameters()).device
+    device_type = device.type
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, betas=(0.9, 0.98),
                                   weight_decay=train_cfg.weight_decay)
@@ -170,52 +213,54 @@ def train(args) -> Path:
             save_checkpoint(out / "latest", model, trainer_state)
 
     steps_done = 0
-    while steps_done < args.steps and step < train_cfg.total_steps:
-        batches = bucket_batches(dataset.n_frames, train_cfg.batch_frames, train_cfg.seed, epoch, rank, world)
-        for indices in batches[batch_in_epoch:]:
-            batch: Batch = collate([dataset[i] for i in indices], cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = train_cfg.lr_at(step)
-            log_now = step % train_cfg.log_every == 0
-            # Attention maps cost a little: compute them for the guided loss or the log only.
-            wants_attention = train_cfg.loss.guided_weight > 0 or log_now
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-                frames = (feed_own_predictions(model, batch, train_cfg.scheduled_sampling)
-                          if train_cfg.scheduled_sampling > 0 else batch.frames)
-                out_ = ddp_model(batch.text, batch.text_lens, frames, batch.n_groups,
-                                 attention_layers=train_cfg.loss.guided_layers if wants_attention else ())
-            terms = melle_loss(out_, batch.mel, batch.n_frames, batch.n_groups, batch.text_lens, step, train_cfg.loss)
-            optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-            optimizer.step()
-            step, steps_done, batch_in_epoch = step + 1, steps_done + 1, batch_in_epoch + 1
-            progress.update()
-            if log_now and rank == 0:
-                row = {"step": step, "epoch": epoch, "lr": f"{train_cfg.lr_at(step):.3g}",
-                       "minutes": f"{minutes_before + (time.monotonic() - start) / 60:.2f}",
-                       "align": f"{alignment_score(out_.attention, batch.text_lens, batch.n_groups):.3f}",
-                       **{k: f"{v:.4f}" for k, v in terms.as_floats().items()}}
-                write_header = not log_path.exists()
-                with open(log_path, "a", newline="") as f:
-                    writer = csv.DictWriter(f, LOG_FIELDS)
-                    if write_header:
-                        writer.writeheader()
-                    writer.writerow(row)
-                progress.set_postfix(loss=row["total"], align=row["align"])
-            if not torch.isfinite(terms.total):
-                raise FloatingPointError(f"loss became {float(terms.total)} at step {step}; "
-                                         "lower --lr or resume from the last checkpoint")
-            out_of_time = args.max_minutes and (time.monotonic() - start) / 60 >= args.max_minutes
-            if time.monotonic() - last_save >= args.checkpoint_minutes * 60:
-                save()
-                last_save = time.monotonic()
-            if steps_done >= args.steps or step >= train_cfg.total_steps or out_of_time:
-                break
-        else:
-            epoch, batch_in_epoch = epoch + 1, 0
-            continue
-        break
+    with StopRequest() as stop:
+        while steps_done < args.steps and step < train_cfg.total_steps:
+            batches = bucket_batches(dataset.n_frames, train_cfg.batch_frames, train_cfg.seed, epoch, rank, world)
+            for indices in batches[batch_in_epoch:]:
+                batch: Batch = collate([dataset[i] for i in indices], cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = train_cfg.lr_at(step)
+                log_now = step % train_cfg.log_every == 0
+                # Attention maps cost a little: compute them for the guided loss or the log only.
+                wants_attention = train_cfg.loss.guided_weight > 0 or log_now
+                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                    frames = (feed_own_predictions(model, batch, train_cfg.scheduled_sampling)
+                              if train_cfg.scheduled_sampling > 0 else batch.frames)
+                    out_ = ddp_model(batch.text, batch.text_lens, frames, batch.n_groups,
+                                     attention_layers=train_cfg.loss.guided_layers if wants_attention else ())
+                terms = melle_loss(out_, batch.mel, batch.n_frames, batch.n_groups, batch.text_lens, step, train_cfg.loss)
+                optimizer.zero_grad(set_to_none=True)
+                terms.total.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+                optimizer.step()
+                step, steps_done, batch_in_epoch = step + 1, steps_done + 1, batch_in_epoch + 1
+                progress.update()
+                if log_now and rank == 0:
+                    row = {"step": step, "epoch": epoch, "lr": f"{train_cfg.lr_at(step):.3g}",
+                           "minutes": f"{minutes_before + (time.monotonic() - start) / 60:.2f}",
+                           "align": f"{alignment_score(out_.attention, batch.text_lens, batch.n_groups):.3f}",
+                           **{k: f"{v:.4f}" for k, v in terms.as_floats().items()}}
+                    write_header = not log_path.exists()
+                    with open(log_path, "a", newline="") as f:
+                        writer = csv.DictWriter(f, LOG_FIELDS)
+                        if write_header:
+                            writer.writeheader()
+                        writer.writerow(row)
+                    progress.set_postfix(loss=row["total"], align=row["align"])
+                if not torch.isfinite(terms.total):
+                    raise FloatingPointError(f"loss became {float(terms.total)} at step {step}; "
+                                             "lower --lr or resume from the last checkpoint")
+                out_of_time = args.max_minutes and (time.monotonic() - start) / 60 >= args.max_minutes
+                if time.monotonic() - last_save >= args.checkpoint_minutes * 60:
+                    save()
+                    last_save = time.monotonic()
+                stop_asked = stop.agreed(world, device)
+                if steps_done >= args.steps or step >= train_cfg.total_steps or out_of_time or stop_asked:
+                    break
+            else:
+                epoch, batch_in_epoch = epoch + 1, 0
+                continue
+            break
     save()
     progress.close()
     if world > 1:

@@ -1,10 +1,14 @@
 """Training: data pipeline, overfitting a few utterances, resume, DDP, checkpoint errors."""
 
+import contextlib
 import csv
 import json
+import os
 import pickle
 import subprocess
+import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +117,68 @@ def test_scheduled_sampling_training_runs_and_is_recorded(corpus, tmp_path, caps
     torch.save(state, tmp_path / "latest" / "trainer.pt")
     train(corpus, tmp_path, "--steps", 1, "--batch-frames", 200, "--resume", "--scheduled-sampling", 0.5)
     assert "scheduled_sampling unset -> 0.5" in capsys.readouterr().out
+
+
+def start_training(corpus, out, *extra, launcher=()) -> subprocess.Popen:
+    cmd = [sys.executable, *launcher, "-m", "melle.train", "--manifest", str(corpus), "--preset", "tiny", "--out", str(out),
+           "--tokenizer", "chars", "--batch-frames", "200", "--threads", "1", "--log-every", "1", *map(str, extra)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def child_pids(process: subprocess.Popen) -> list[int]:
+    with contextlib.suppress(FileNotFoundError):
+        return [int(pid) for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
+    return []
+
+
+def kill_all(process: subprocess.Popen) -> None:
+    """Kill a run that is still going, torchrun's workers included (they live in sessions of their own)."""
+    for pid in [*child_pids(process), process.pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
+
+
+def wait_for_log_rows(out: Path, n: int, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not ((out / "train_log.csv").exists() and len(read_log(out)) >= n):
+        assert process.poll() is None, f"training ended early: {process.communicate()[0][-2000:]}"
+        assert time.monotonic() < deadline, "training logged no steps in time"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_training_after_the_step_and_saves_it(corpus, tmp_path, sig):
+    # No periodic checkpoint can happen in this run: whatever is saved, the signal saved.
+    process = start_training(corpus, tmp_path, "--checkpoint-minutes", 60)
+    try:
+        wait_for_log_rows(tmp_path, 3, process)
+        process.send_signal(sig)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        kill_all(process)
+    assert process.returncode == 0, output[-2000:]
+    assert "stopping after this step and saving" in output
+    logged = int(read_log(tmp_path)[-1]["step"])
+    assert load_trainer_state(tmp_path / "latest")["step"] == logged >= 3, "the last logged step must be saved"
+
+
+def test_a_signal_to_one_ddp_rank_stops_every_rank_after_the_same_step(corpus, tmp_path):
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518"]
+    process = start_training(corpus, tmp_path, "--checkpoint-minutes", 60, launcher=torchrun)
+    try:
+        wait_for_log_rows(tmp_path, 3, process)
+        workers = child_pids(process)
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGTERM)  # the other rank never sees a signal
+        output, _ = process.communicate(timeout=60)
+    finally:
+        kill_all(process)
+    assert process.returncode == 0, output[-2000:]
+    assert output.count("stopping after this step and saving") == 1
+    check = json.loads((tmp_path / "ddp_check.json").read_text())
+    assert len(check["digests"]) == 2 and len(set(check["digests"])) == 1, "ranks saved different weights"
+    assert load_trainer_state(tmp_path / "latest")["step"] == int(read_log(tmp_path)[-1]["step"])
 
 
 def test_two_process_torchrun_keeps_ranks_identical(corpus, tmp_path):
