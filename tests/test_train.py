@@ -119,9 +119,14 @@ def test_scheduled_sampling_training_runs_and_is_recorded(corpus, tmp_path, caps
     assert "scheduled_sampling unset -> 0.5" in capsys.readouterr().out
 
 
-def start_training(corpus, out, *extra, launcher=()) -> subprocess.Popen:
+def torchrun(port: int) -> list[str]:
+    return ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+
+
+def start_training(corpus, out, *extra, launcher=(), batch_frames=200) -> subprocess.Popen:
     cmd = [sys.executable, *launcher, "-m", "melle.train", "--manifest", str(corpus), "--preset", "tiny", "--out", str(out),
-           "--tokenizer", "chars", "--batch-frames", "200", "--threads", "1", "--log-every", "1", *map(str, extra)]
+           "--tokenizer", "chars", "--batch-frames", str(batch_frames), "--threads", "1", "--log-every", "1",
+           *map(str, extra)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -164,8 +169,7 @@ def test_a_signal_stops_training_after_the_step_and_saves_it(corpus, tmp_path, s
 
 
 def test_a_signal_to_one_ddp_rank_stops_every_rank_after_the_same_step(corpus, tmp_path):
-    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518"]
-    process = start_training(corpus, tmp_path, "--checkpoint-minutes", 60, launcher=torchrun)
+    process = start_training(corpus, tmp_path, "--checkpoint-minutes", 60, launcher=torchrun(29518))
     try:
         wait_for_log_rows(tmp_path, 3, process)
         workers = child_pids(process)
@@ -182,11 +186,12 @@ def test_a_signal_to_one_ddp_rank_stops_every_rank_after_the_same_step(corpus, t
 
 
 def test_two_process_torchrun_keeps_ranks_identical(corpus, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "melle.train", "--manifest", str(corpus), "--preset", "tiny", "--out", str(tmp_path),
-           "--tokenizer", "chars", "--steps", "3", "--batch-frames", "150", "--threads", "1"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    process = start_training(corpus, tmp_path, "--steps", 3, launcher=torchrun(29517), batch_frames=150)
+    try:
+        output, _ = process.communicate(timeout=300)
+    finally:
+        kill_all(process)
+    assert process.returncode == 0, output[-2000:]
     check = json.loads((tmp_path / "ddp_check.json").read_text())
     assert check["world"] == 2 and len(check["digests"]) == 2 and len(set(check["digests"])) == 1
     assert load_trainer_state(tmp_path / "latest")["step"] == 3
