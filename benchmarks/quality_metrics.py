@@ -22,6 +22,8 @@ _SEPARATOR_RE = re.compile(r"[^\w']+|_")
 _EDGE_APOSTROPHE_RE = re.compile(r"(?<!\w)'+|'+(?!\w)")
 
 SYSTEM_ORDER = ("runtime", "reference", "teacher_forced", "ground_truth", "ground_truth_vocoded")
+# Sentence lengths in words (after normalisation), (first, last); None = no upper bound.
+LENGTH_BUCKETS = ((1, 8), (9, 15), (16, None))
 
 
 def normalize_for_wer(text: str) -> str:
@@ -98,11 +100,29 @@ def rtf(rows: list[Row]) -> float | None:
     return sum(r.seconds for r in rows) / sum(r.audio_seconds for r in rows)
 
 
+def bucket_label(first: int, last: int | None) -> str:
+    return f"{first}+" if last is None else f"{first}-{last}"
+
+
+def wer_by_length(rows: list[Row]) -> dict[str, dict[str, Any]]:
+    """Mean WER per sentence-length bucket (words of the normalised text).
+
+    Free-running decoding that drifts on its own output gets worse with length while
+    teacher-forced and recorded speech do not: this split tells the two failure modes apart.
+    """
+    words = [len(normalize_for_wer(r.text).split()) for r in rows]
+    out = {}
+    for first, last in LENGTH_BUCKETS:
+        inside = [r.wer for r, n in zip(rows, words) if n >= first and (last is None or n <= last)]
+        out[bucket_label(first, last)] = {"n": len(inside), "wer": mean_or_none(inside)}
+    return out
+
+
 def summarize(rows: list[Row]) -> dict[str, Any]:
-    """A system's entry: mean per-utterance WER, mean similarity, RTF, and the rows themselves."""
+    """A system's entry: mean per-utterance WER, mean similarity, RTF, WER by length, and the rows themselves."""
     return {"n": len(rows), "wer": mean_or_none([r.wer for r in rows]), "sim": mean_or_none([r.sim for r in rows]),
             "rtf": rtf(rows), "audio_seconds": sum(r.audio_seconds for r in rows),
-            "rows": [asdict(r) for r in rows]}
+            "wer_by_length": wer_by_length(rows), "rows": [asdict(r) for r in rows]}
 
 
 def summarize_prompted(prompt: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
@@ -124,11 +144,19 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 3) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    """quality.md: one table of the systems and, when prompted runs exist, one of the speakers."""
+    """quality.md: a table of the systems, one of their WER by sentence length and, when prompted
+    runs exist, one of the speakers."""
     lines = ["# Quality", "", "| system | n | WER % | SIM | RTF | audio s |", "|---|---:|---:|---:|---:|---:|"]
     for name, s in report["systems"].items():
         lines.append(f"| {name} | {s['n']} | {_fmt(s['wer'], 100, 1)} | {_fmt(s['sim'])} | {_fmt(s['rtf'])} "
                      f"| {s['audio_seconds']:.1f} |")
+    labels = [bucket_label(*bucket) for bucket in LENGTH_BUCKETS]
+    lines += ["", "## WER % by sentence length (words; utterances in brackets)", "",
+              "| system | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for name, s in report["systems"].items():
+        cells = [f"{_fmt(s['wer_by_length'][label]['wer'], 100, 1)} ({s['wer_by_length'][label]['n']})"
+                 for label in labels]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if report["prompted"]:
         lines += ["", "## Prompted (cross-sentence prompt of another speaker)", "",
                   "| speaker | n | WER % | SIM to speaker | SIM to reference voice |", "|---|---:|---:|---:|---:|"]

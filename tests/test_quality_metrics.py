@@ -110,6 +110,24 @@ def test_report_structure_orders_systems_and_is_json():
     assert json.loads(json.dumps(report)) == report
 
 
+def test_wer_by_length_buckets_the_normalised_word_count():
+    def said(text, wer):
+        return qm.Row(text=text, hypothesis="", wer=wer, sim=0.9, seconds=1.0, audio_seconds=1.0)
+
+    rows = [said("Hi.", 0.0),
+            said("one two three four five six seven 8", 0.5),  # "8" -> "eight": 8 words
+            said("one two three four five six seven eight 9", 0.25),  # 9 words
+            said(" ".join(["word"] * 15), 1.0),
+            said(" ".join(["word"] * 16), 0.75)]
+    by_length = qm.wer_by_length(rows)
+    assert list(by_length) == ["1-8", "9-15", "16+"]
+    assert by_length["1-8"] == {"n": 2, "wer": pytest.approx(0.25)}
+    assert by_length["9-15"] == {"n": 2, "wer": pytest.approx(0.625)}
+    assert by_length["16+"] == {"n": 1, "wer": pytest.approx(0.75)}
+    assert qm.summarize(rows)["wer_by_length"] == by_length
+    assert qm.wer_by_length(rows[:1])["16+"] == {"n": 0, "wer": None}
+
+
 def test_cosine_and_mean_embedding():
     a, b = np.array([1.0, 0.0]), np.array([0.0, 2.0])
     assert qm.cosine(a, a * 3) == pytest.approx(1.0) and qm.cosine(a, b) == pytest.approx(0.0)
@@ -130,6 +148,7 @@ def test_markdown_table_renders_percentages_and_missing_values():
     assert "| ground_truth | 1 | 0.0 | 0.900 | - | 2.0 |" in lines
     assert "| espeak-ng | 1 | 33.3 | 0.500 | 0.600 |" in lines
     assert "- a note" in lines
+    assert "| runtime | 25.0 (1) | - (0) | - (0) |" in lines
     header = lines.index("| system | n | WER % | SIM | RTF | audio s |")
     assert lines[header + 1].count("|") == lines[header].count("|")
 
