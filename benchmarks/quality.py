@@ -158,12 +158,13 @@ def decoded_facts(decoded, seed: int) -> dict[str, Any]:
     return {"seed": seed, "frames": int(decoded.mel.shape[0]), "stopped": bool(decoded.stopped[decoded.best])}
 
 
-def runtime_clip(synth, text: str, seed: int, prompt: tuple[np.ndarray, str] | None = None) -> Clip:
+def runtime_clip(synth, text: str, seed: int, options: SynthesisOptions,
+                 prompt: tuple[np.ndarray, str] | None = None) -> Clip:
     """The engine speaks ``text`` (optionally after a cross-sentence prompt)."""
     prompt_mel, prompt_text = prompt or (None, None)
 
     def make():
-        decoded = synth.mel(text, prompt_mel, prompt_text, seed)
+        decoded = synth.mel(text, prompt_mel, prompt_text, seed, options)
         return synth.vocode(decoded.mel), decoded_facts(decoded, seed)
 
     return timed_clip(make, synth.sample_rate)
@@ -172,7 +173,7 @@ def runtime_clip(synth, text: str, seed: int, prompt: tuple[np.ndarray, str] | N
 class Reference:
     """The PyTorch checkpoint with the PyTorch HiFi-GAN, decoding as ``Synthesizer.mel`` does."""
 
-    def __init__(self, ckpt: str):
+    def __init__(self, ckpt: str, options: SynthesisOptions):
         from melle.checkpoint import load_checkpoint
         from melle.text import tokenizer_from_spec
 
@@ -180,7 +181,7 @@ class Reference:
         self.tokenizer = tokenizer_from_spec(self.model.cfg.tokenizer)
         self.preset = get_preset(self.model.cfg.mel_preset)
         self.vocoder = torch_vocoder(self.model.cfg.mel_preset)
-        self.options = SynthesisOptions().decode_options(self.model.cfg, self.preset)  # the runtime's defaults
+        self.options = options.decode_options(self.model.cfg, self.preset)
 
     def clip(self, text: str, seed: int) -> Clip:
         """The checkpoint speaks ``text`` with ``seed``."""
@@ -243,8 +244,8 @@ def score_all(name: str, jobs: list[tuple[str, Callable[[], Clip]]], scorer: Sco
     return rows
 
 
-def prompted_runs(synth, prompts: list[Utterance], sentences: list[str], seed: int, scorer: Scorer,
-                  reference_voice: np.ndarray, audio_dir: Path | None) -> dict[str, dict[str, Any]]:
+def prompted_runs(synth, options: SynthesisOptions, prompts: list[Utterance], sentences: list[str], seed: int,
+                  scorer: Scorer, reference_voice: np.ndarray, audio_dir: Path | None) -> dict[str, dict[str, Any]]:
     """Per extra speaker: its first recording as the prompt, ``sentences`` spoken, similarity to the
     speaker (mean of all its recordings) and to the reference voice."""
     by_speaker: dict[str, list[Utterance]] = defaultdict(list)
@@ -255,7 +256,7 @@ def prompted_runs(synth, prompts: list[Utterance], sentences: list[str], seed: i
         first = recordings[0]
         prompt = (synth.prompt_mel(first.audio, first.text), first.text)
         voice = scorer.voice([u.audio for u in recordings], synth.sample_rate)
-        jobs = [(text, lambda text=text, i=i: runtime_clip(synth, text, seed + i, prompt))
+        jobs = [(text, lambda text=text, i=i: runtime_clip(synth, text, seed + i, options, prompt))
                 for i, text in enumerate(sentences)]
         rows = score_all(f"prompted-{speaker}", jobs, scorer, voice, audio_dir, {"reference_voice": reference_voice})
         out[speaker] = summarize_prompted({"audio": str(first.audio), "text": first.text,
@@ -281,6 +282,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference-count", type=int, default=5, help="recordings averaged into the reference voice")
     p.add_argument("--limit", type=int, help="score only the first N sentences / ground-truth rows")
     p.add_argument("--seed", type=int, default=0, help="sentence i is decoded with seed + i")
+    p.add_argument("--candidates", type=int, default=1,
+                   help="runtime and reference sample N per sentence and keep the decoder's pick")
     p.add_argument("--beam-size", type=int, default=5, help="Whisper beam size")
     p.add_argument("--save-audio", action="store_true", help="also write every scored clip under DIR/audio/")
     p.add_argument("--out", default="benchmarks/results/quality", help="output directory")
@@ -289,6 +292,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("nothing to score: give --engine, --ckpt and/or --ground-truth")
     if (args.engine or args.ckpt) and not args.sentences:
         p.error("--engine / --ckpt need --sentences")
+    if args.candidates < 1:
+        p.error(f"--candidates must be at least 1, got {args.candidates}")
     if args.prompts and not args.engine:
         p.error("--prompts runs the engine: give --engine")
     return args
@@ -322,7 +327,8 @@ def main(argv=None) -> None:
     audio_dir = out / "audio" if args.save_audio else None
     sentences = read_sentences(args.sentences, args.limit) if args.sentences else []
     synth = Synthesizer(args.engine, backend=args.backend) if args.engine else None
-    reference = Reference(args.ckpt) if args.ckpt else None
+    options = SynthesisOptions(candidates=args.candidates)
+    reference = Reference(args.ckpt, options) if args.ckpt else None
     mel_preset = synth.cfg.mel_preset if synth else reference.preset.name if reference else DEFAULT_MEL_PRESET
     rate = get_preset(mel_preset).sample_rate
     scorer = Scorer(args.beam_size)
@@ -336,9 +342,9 @@ def main(argv=None) -> None:
         return write_report(out, systems, prompted, run_config(args, scorer, voice_files, vocoders))
 
     if synth:
-        runtime_clip(synth, WARMUP_TEXT, args.seed)
+        runtime_clip(synth, WARMUP_TEXT, args.seed, options)
         vocoders["runtime"] = f"engine vocoder graph ({args.backend})"
-        jobs = [(t, lambda t=t, i=i: runtime_clip(synth, t, args.seed + i)) for i, t in enumerate(sentences)]
+        jobs = [(t, lambda t=t, i=i: runtime_clip(synth, t, args.seed + i, options)) for i, t in enumerate(sentences)]
         systems["runtime"] = score_all("runtime", jobs, scorer, voice, audio_dir)
         save()
     if reference:
@@ -364,8 +370,8 @@ def main(argv=None) -> None:
             systems["teacher_forced"] = score_all("teacher_forced", jobs, scorer, voice, audio_dir)
             save()
     if args.prompts:
-        prompted.update(prompted_runs(synth, read_utterances(args.prompts), sentences[: args.prompted_sentences],
-                                      args.seed, scorer, voice, audio_dir))
+        prompted.update(prompted_runs(synth, options, read_utterances(args.prompts),
+                                      sentences[: args.prompted_sentences], args.seed, scorer, voice, audio_dir))
     print(save())
     print(f"wrote {out / 'quality.json'} and {out / 'quality.md'}")
 

@@ -167,3 +167,11 @@ def test_cli_help_needs_no_whisper_or_speaker_encoder():
     assert done.returncode == 0, done.stderr
     assert "--ground-truth" in done.stdout
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_cli_refuses_fewer_than_one_candidate(capsys):
+    quality = load_benchmark("quality")
+    assert quality.parse_args(["--engine", "e", "--sentences", "s", "--candidates", "3"]).candidates == 3
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--engine", "e", "--sentences", "s", "--candidates", "0"])
+    assert "--candidates must be at least 1, got 0" in capsys.readouterr().err
