@@ -264,6 +264,7 @@ def train(args) -> Path:
     save()
     progress.close()
     if world > 1:
+        dist.barrier()  # wait for rank 0's save: a rank tearing gloo down alone can abort ("terminate called")
         dist.destroy_process_group()
     return out / "latest"
 
