@@ -154,9 +154,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## WER % by sentence length (words; utterances in brackets)", "",
               "| system | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
     for name, s in report["systems"].items():
-        cells = [f"{_fmt(s['wer_by_length'][label]['wer'], 100, 1)} ({s['wer_by_length'][label]['n']})"
-                 for label in labels]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        buckets = [s["wer_by_length"][label] for label in labels]
+        lines.append(f"| {name} | " + " | ".join(f"{_fmt(b['wer'], 100, 1)} ({b['n']})" for b in buckets) + " |")
     if report["prompted"]:
         lines += ["", "## Prompted (cross-sentence prompt of another speaker)", "",
                   "| speaker | n | WER % | SIM to speaker | SIM to reference voice |", "|---|---:|---:|---:|---:|"]
