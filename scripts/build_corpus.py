@@ -2,22 +2,34 @@
 """Build the synthetic demo corpus: fortune sentences read by a Piper voice.
 
 Sentences come from the Debian ``fortunes`` files (BSD-licensed collection),
-filtered to short, plain, speakable English. A held-out test set and a training
-set are drawn without overlap and synthesised with Piper into ``OUT/wavs``;
+filtered to plain, speakable English. A held-out test set and a training set are
+drawn without overlap and synthesised with Piper into ``OUT/wavs``;
 ``OUT/train.jsonl`` and ``OUT/test.jsonl`` describe them. With ``--prompts`` a
 few utterances by other speakers (flite, espeak-ng) are rendered for
 voice-prompting tests.
+
+The seeded shuffle of the 3-25-word sentences is laid out as
+``[test | train | test-extra | rest ... | prompts]``. ``--n-test-extra`` grows the
+held-out set after a model was trained on ``train``: its sentences sit right after
+the training block, so that model never saw them. ``--train-rest`` then trains on
+everything else: the rest of the pool, longer sentences (up to 1.5x the longest
+test sentence) and pairs of consecutive sentences of one fortune read as one
+utterance, which skews the corpus toward the long sentences free-running
+decoding finds hardest.
 
 The build is resumable: existing readable wavs are kept, and the manifests are
 rewritten every few hundred utterances so an interrupted run leaves usable ones.
 
     python scripts/build_corpus.py --out corpus/joe --n-train 3000 --n-test 50 --prompts
+    python scripts/build_corpus.py --out corpus/joe --n-train 3000 --n-test 50 \
+        --n-test-extra 150 --train-rest --prompts           # the demo voice's corpus since step 28,000
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -34,6 +46,8 @@ DEFAULT_FORTUNES_DIR = Path("/usr/share/games/fortunes")
 EXCLUDED_FORTUNE_FILES = {"ascii-art", "translate-me", "pratchett", "songs-poems", "startrek"}
 
 MIN_WORDS, MAX_WORDS = 3, 25
+# --train-rest adds sentences (and joined pairs) up to this multiple of the longest test sentence.
+LONG_SENTENCE_FACTOR = 1.5
 PROMPTS_PER_SPEAKER = 3
 # Extra speakers for prompting tests: speaker id -> command rendering TEXT into OUT.
 PROMPT_SPEAKERS: dict[str, list[str]] = {
@@ -69,7 +83,7 @@ def read_fortunes(path: Path) -> list[str]:
     return [entry for entry in re.split(r"^%\s*$", text, flags=re.MULTILINE) if entry.strip()]
 
 
-def fortune_sentences(fortune: str) -> list[str]:
+def fortune_sentences(fortune: str, max_words: int = MAX_WORDS) -> list[str]:
     """Return the clean sentences of one fortune entry (possibly none).
 
     A trailing ``-- Author`` attribution is dropped; an entry with any other
@@ -84,7 +98,7 @@ def fortune_sentences(fortune: str) -> list[str]:
         if line[0] in " \t":
             return []
         body.append(line.strip())
-    return [s for s in split_sentences(" ".join(body)) if is_clean(s)]
+    return [s for s in split_sentences(" ".join(body)) if is_clean(s, max_words)]
 
 
 def split_sentences(text: str) -> list[str]:
@@ -106,11 +120,11 @@ def _ends_with_abbreviation(sentence: str) -> bool:
     return last in _ABBREVIATIONS or re.fullmatch(r"(?:[a-z]\.)+", last) is not None
 
 
-def is_clean(sentence: str) -> bool:
-    """True when a sentence is plain speakable English within the length limits."""
+def is_clean(sentence: str, max_words: int = MAX_WORDS) -> bool:
+    """True when a sentence is plain speakable English of ``MIN_WORDS`` to ``max_words`` words."""
     words = sentence.split()
     return (
-        MIN_WORDS <= len(words) <= MAX_WORDS
+        MIN_WORDS <= len(words) <= max_words
         and sentence.isascii()
         and _ALLOWED.match(sentence) is not None
         and sentence[0].isupper()  # also keeps texts from looking like CLI options
@@ -149,13 +163,13 @@ def fortune_files(fortunes_dir: Path) -> list[Path]:
     return files
 
 
-def collect_sentences(paths: Iterable[Path]) -> list[str]:
+def collect_sentences(paths: Iterable[Path], max_words: int = MAX_WORDS) -> list[str]:
     """Clean sentences of all fortune files, deduplicated by normalised text, in file order."""
     seen: set[str] = set()
     sentences = []
     for path in paths:
         for fortune in read_fortunes(path):
-            for sentence in fortune_sentences(fortune):
+            for sentence in fortune_sentences(fortune, max_words):
                 key = normalise(sentence)
                 if key not in seen:
                     seen.add(key)
@@ -163,29 +177,78 @@ def collect_sentences(paths: Iterable[Path]) -> list[str]:
     return sentences
 
 
+def joined_pairs(paths: Iterable[Path], allowed: set[str], max_words: int) -> list[str]:
+    """Consecutive sentence pairs of one fortune joined into one utterance, in file order.
+
+    Both sentences must be in ``allowed`` (normalised texts) and the pair at most
+    ``max_words`` long; a pair does not start at the second sentence of the previous
+    pair, so no sentence is read twice in a row of joined utterances.
+    """
+    pairs, seen = [], set()
+    for path in paths:
+        for fortune in read_fortunes(path):
+            sentences = fortune_sentences(fortune, max_words)
+            i = 0
+            while i + 1 < len(sentences):
+                first, second = sentences[i], sentences[i + 1]
+                joined = f"{first} {second}"
+                if ({normalise(first), normalise(second)} <= allowed
+                        and len(joined.split()) <= max_words and normalise(joined) not in seen):
+                    seen.add(normalise(joined))
+                    pairs.append(joined)
+                    i += 2
+                else:
+                    i += 1
+    return pairs
+
+
 def select_splits(
-    sentences: list[str], n_test: int, n_train: int, n_prompts: int, seed: int
+    sentences: list[str], n_test: int, n_train: int, n_prompts: int, seed: int,
+    n_test_extra: int = 0,
 ) -> dict[str, list[str]]:
-    """Draw disjoint test, train and prompt sentence lists deterministically.
+    """Draw disjoint test, train, rest and prompt sentence lists deterministically.
 
     ``sentences`` must already be deduplicated. After a seeded shuffle (which
-    mixes topics and sources) the test set is the head, train follows and
-    prompts come from the tail, so the test and prompt sets do not change when
-    only ``n_train`` does.
+    mixes topics and sources) the pool is ``[test | train | test-extra | rest | prompts]``:
+    the test set is the head plus the ``n_test_extra`` sentences right after train,
+    and prompts come from the tail, so the test and prompt sets do not change when
+    only ``n_train`` does, and extra test sentences were never in a smaller train.
     """
-    needed = n_test + n_train + n_prompts
+    needed = n_test + n_train + n_test_extra + n_prompts
     if needed > len(sentences):
         raise SystemExit(
-            f"error: need {needed} sentences (test {n_test} + train {n_train} + prompts "
-            f"{n_prompts}) but only {len(sentences)} passed the filters"
+            f"error: need {needed} sentences (test {n_test} + train {n_train} + extra test "
+            f"{n_test_extra} + prompts {n_prompts}) but only {len(sentences)} passed the filters"
         )
     pool = sorted(sentences)  # independent of the order the files were read in
     random.Random(seed).shuffle(pool)
+    rest_start = n_test + n_train + n_test_extra
     return {
-        "test": pool[:n_test],
+        "test": pool[:n_test] + pool[n_test + n_train : rest_start],
         "train": pool[n_test : n_test + n_train],
+        "rest": pool[rest_start : len(pool) - n_prompts],
         "prompts": pool[len(pool) - n_prompts :] if n_prompts else [],
     }
+
+
+def training_rest(
+    paths: list[Path], splits: dict[str, list[str]], seed: int
+) -> tuple[list[str], list[str], list[str]]:
+    """What ``--train-rest`` adds after the train block: ``(rest, long, joined)``.
+
+    ``long`` are the sentences longer than ``MAX_WORDS`` up to ``LONG_SENTENCE_FACTOR``
+    times the longest test sentence; ``joined`` pairs consecutive training sentences of
+    one fortune within that limit. Both are shuffled with ``seed``.
+    """
+    longest_test = max((len(s.split()) for s in splits["test"]), default=MAX_WORDS)
+    limit = math.ceil(LONG_SENTENCE_FACTOR * longest_test)
+    long = sorted(s for s in collect_sentences(paths, limit) if len(s.split()) > MAX_WORDS)
+    trained = {normalise(s) for s in splits["train"] + splits["rest"] + long}
+    joined = joined_pairs(paths, trained, limit)
+    rng = random.Random(seed)
+    rng.shuffle(long)
+    rng.shuffle(joined)
+    return splits["rest"], long, joined
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -356,6 +419,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="corpus directory")
     parser.add_argument("--n-train", type=int, default=3000, help="training utterances")
     parser.add_argument("--n-test", type=int, default=50, help="held-out test utterances")
+    parser.add_argument(
+        "--n-test-extra", type=int, default=0,
+        help="more held-out utterances, from right after the train block (never trained on)",
+    )
+    parser.add_argument(
+        "--train-rest", action="store_true",
+        help="also train on the rest of the pool, longer sentences and joined sentence pairs",
+    )
     parser.add_argument("--seed", type=int, default=0, help="sentence selection seed")
     parser.add_argument("--voice", default="joe", help="'joe' or a Piper .onnx model path")
     parser.add_argument(
@@ -365,19 +436,33 @@ def main(argv: list[str] | None = None) -> None:
         "--fortunes-dir", type=Path, default=DEFAULT_FORTUNES_DIR, help="fortune text files"
     )
     args = parser.parse_args(argv)
-    if args.n_train < 0 or args.n_test < 0:
-        parser.error("--n-train and --n-test must be >= 0")
+    if min(args.n_train, args.n_test, args.n_test_extra) < 0:
+        parser.error("--n-train, --n-test and --n-test-extra must be >= 0")
 
-    sentences = collect_sentences(fortune_files(args.fortunes_dir))
+    paths = fortune_files(args.fortunes_dir)
+    sentences = collect_sentences(paths)
     print(f"{len(sentences)} sentences passed the filters", file=sys.stderr)
     n_prompts = PROMPTS_PER_SPEAKER * len(PROMPT_SPEAKERS) if args.prompts else 0
-    splits = select_splits(sentences, args.n_test, args.n_train, n_prompts, args.seed)
+    splits = select_splits(
+        sentences, args.n_test, args.n_train, n_prompts, args.seed, args.n_test_extra
+    )
+    train = splits["train"]
+    if args.train_rest:
+        rest, long, joined = training_rest(paths, splits, args.seed)
+        train = train + rest + long + joined
+        n_long = sum(len(s.split()) >= 16 for s in train)
+        print(
+            f"--train-rest: {len(rest)} more sentences, {len(long)} longer ones, "
+            f"{len(joined)} joined pairs; {n_long / len(train):.0%} of {len(train)} "
+            "training utterances have 16+ words",
+            file=sys.stderr,
+        )
 
     args.out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out / "test_sentences.txt", "".join(s + "\n" for s in splits["test"]))
     voice, speaker = load_voice(args.voice)
     entries = synthesise_corpus(
-        args.out, {"test": splits["test"], "train": splits["train"]}, voice, speaker
+        args.out, {"test": splits["test"], "train": train}, voice, speaker
     )
     hours = sum(e["duration"] for split in entries.values() for e in split) / 3600
     print(

