@@ -19,7 +19,7 @@ from melle.audio import get_preset, load_wav
 from melle.config import MelleConfig
 from melle.fileio import atomic_path
 from melle.mel_torch import mel_spectrogram_torch
-from melle.text import EOS_ID, PAD_ID, Tokenizer
+from melle.text import EOS_ID, PAD_ID, Tokenizer, UnknownSymbolError
 
 
 @dataclass
@@ -59,11 +59,20 @@ class MelDataset(torch.utils.data.Dataset):
 
     def __init__(self, manifest: str | Path, cfg: MelleConfig, tokenizer: Tokenizer, cache_dir: str | Path,
                  show_progress: bool = True):
-        self.rows = read_manifest(manifest)
+        rows = read_manifest(manifest)
         self.preset = get_preset(cfg.mel_preset)
         spec_key = hashlib.sha1(json.dumps(tokenizer.spec(), sort_keys=True).encode()).hexdigest()[:12]
         self.cache_dir = Path(cache_dir) / cfg.mel_preset
-        self.tokens = self._cached_tokens(tokenizer, Path(cache_dir) / f"tokens_{spec_key}.json")
+        tokens = self._cached_tokens(tokenizer, rows, Path(cache_dir) / f"tokens_{spec_key}.json")
+        # A resumed model keeps its tokenizer: text with symbols it never had cannot be trained on.
+        unknown = [r.text for r, t in zip(rows, tokens) if t is None]
+        if unknown and show_progress:
+            print(f"skipping {len(unknown)} of {len(rows)} utterances with symbols the tokenizer does not know "
+                  f"(first: {unknown[0]!r})")
+        self.rows = [r for r, t in zip(rows, tokens) if t is not None]
+        self.tokens = [t for t in tokens if t is not None]
+        if not self.rows:
+            raise ValueError(f"no utterance of {manifest} can be tokenized by this model's tokenizer")
         self.mel_paths = [self.cache_dir / (hashlib.sha1(str(r.audio.resolve()).encode()).hexdigest()[:16] + ".npy")
                           for r in self.rows]
         todo = [i for i, p in enumerate(self.mel_paths) if not p.exists()]
@@ -75,16 +84,21 @@ class MelDataset(torch.utils.data.Dataset):
                     np.save(f, mel.astype(np.float32))
         self.n_frames = [int(np.load(p, mmap_mode="r").shape[0]) for p in self.mel_paths]
 
-    def _cached_tokens(self, tokenizer: Tokenizer, path: Path) -> list[list[int]]:
+    @staticmethod
+    def _cached_tokens(tokenizer: Tokenizer, rows: list[Utterance], path: Path) -> list[list[int] | None]:
+        """Token ids per row (None where the text has symbols the tokenizer lacks), cached in ``path``."""
         cache = json.loads(path.read_text()) if path.exists() else {}
-        missing = sorted({r.text for r in self.rows} - set(cache))
+        missing = sorted({r.text for r in rows} - set(cache))
         for text in tqdm(missing, desc="tokenize", disable=not missing):
-            cache[text] = tokenizer.encode(text)
+            try:
+                cache[text] = tokenizer.encode(text)
+            except UnknownSymbolError:
+                cache[text] = None
         if missing:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
                 tmp.write_text(json.dumps(cache))
-        return [cache[r.text] for r in self.rows]
+        return [cache[r.text] for r in rows]
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -13,8 +13,11 @@ import csv
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,37 +26,49 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from melle.checkpoint import load_checkpoint, load_trainer_state, save_checkpoint
+from melle.audio import get_preset
+from melle.checkpoint import CheckpointError, load_checkpoint, load_trainer_state, save_checkpoint
+from melle.cli import ExitCode, OutputError, UserError, run_cli
 from melle.config import PRESETS, preset_config
 from melle.data import Batch, MelDataset, bucket_batches, collate, read_manifest
 from melle.losses import LossConfig, alignment_score, melle_loss
 from melle.model import Melle, count_parameters
 from melle.text import build_tokenizer, tokenizer_from_spec
 
+QUALITY_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 LOG_FIELDS = ["step", "epoch", "minutes", "lr", "total", "reg", "kl", "flux", "stop", "guided", "align"]
 
 
 @dataclass
 class TrainConfig:
     lr: float = 1e-3  # peak learning rate (paper: 5e-4 at 480K-frame batches)
-    warmup_steps: int = 1000  # linear warm-up (paper: 32K)
-    hold_steps: int = 10_000  # steps at peak before the linear decay: let alignment form first
-    total_steps: int = 30_000  # the decay reaches 0 here
+    cycle_start: int = 0  # the step this learning-rate cycle starts at (a resumed run may begin a new one)
+    warmup_steps: int = 1000  # linear warm-up from cycle_start (paper: 32K)
+    hold_steps: int = 10_000  # steps at peak before the decay: let alignment form first
+    total_steps: int = 30_000  # the decay reaches 0 at this (absolute) step
+    decay: str = "linear"  # "linear" or "cosine" from the peak to 0
     batch_frames: int = 4000  # padded mel frames per batch per process
     grad_clip: float = 1.0
     weight_decay: float = 0.01
     seed: int = 0
     log_every: int = 25
     scheduled_sampling: float = 0.0  # share of input groups replaced by the model's own predictions
+    input_noise: float = 0.0  # std of Gaussian noise added to the decoder's input frames (log-mel units)
     loss: LossConfig = field(default_factory=LossConfig)
 
+    def __post_init__(self) -> None:
+        if self.decay not in ("linear", "cosine"):
+            raise ValueError(f"decay must be 'linear' or 'cosine', got {self.decay!r}")
+
     def lr_at(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        decay_from = self.warmup_steps + self.hold_steps
+        into_cycle = step - self.cycle_start
+        if into_cycle < self.warmup_steps:
+            return self.lr * (max(0, into_cycle) + 1) / self.warmup_steps
+        decay_from = self.cycle_start + self.warmup_steps + self.hold_steps
         if step < decay_from:
             return self.lr
-        return self.lr * max(0.0, (self.total_steps - step) / max(1, self.total_steps - decay_from))
+        left = max(0.0, (self.total_steps - step) / max(1, self.total_steps - decay_from))  # 1 -> 0
+        return self.lr * (left if self.decay == "linear" else 0.5 * (1.0 - math.cos(math.pi * left)))
 
 
 def setup_distributed() -> tuple[int, int]:
@@ -135,6 +150,27 @@ def feed_own_predictions(model: Melle, batch: Batch, rate: float) -> torch.Tenso
     return torch.where(pick[..., None], own.reshape(batch.frames.shape), batch.frames)
 
 
+def run_probe(checkpoint: Path, manifest: str, limit: int, out: Path) -> None:
+    """Score ``checkpoint`` on the first ``limit`` utterances of a held-out ``manifest`` with
+    ``benchmarks/quality.py``: the reference decoding freely and teacher-forced, Whisper WER.
+
+    Runs in a child process while training waits, so the probe's threads do not compete with
+    the training step; a failed probe is reported and training goes on.
+    """
+    rows = [json.loads(line) for line in Path(manifest).read_text().splitlines() if line.strip()][:limit]
+    out.mkdir(parents=True, exist_ok=True)
+    sentences = out / "sentences.txt"
+    sentences.write_text("".join(row["text"] + "\n" for row in rows))
+    command = [sys.executable, str(QUALITY_SCRIPT), "--ckpt", str(checkpoint), "--sentences", str(sentences),
+               "--ground-truth", str(manifest), "--limit", str(limit), "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"probe at {out} failed (exit {result.returncode}); training goes on:\n"
+              f"{result.stderr.strip()[-2000:]}", flush=True)
+    else:
+        print(f"probe: {out / 'quality.md'}", flush=True)
+
+
 def report_schedule_changes(saved: dict, now: dict, rank: int) -> None:
     """Say which settings a resumed run changes: the command line, not the checkpoint, decides them.
 
@@ -166,11 +202,13 @@ def train(args) -> Path:
     rank, world = setup_distributed()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_cfg = TrainConfig(lr=args.lr, warmup_steps=args.warmup_steps, hold_steps=args.hold_steps,
-                            total_steps=args.total_steps, batch_frames=args.batch_frames, seed=args.seed,
-                            log_every=args.log_every, scheduled_sampling=args.scheduled_sampling,
+    train_cfg = TrainConfig(lr=args.lr, cycle_start=args.cycle_start, warmup_steps=args.warmup_steps,
+                            hold_steps=args.hold_steps, total_steps=args.total_steps, decay=args.decay,
+                            batch_frames=args.batch_frames, seed=args.seed, log_every=args.log_every,
+                            scheduled_sampling=args.scheduled_sampling, input_noise=args.input_noise,
                             loss=LossConfig(guided_weight=args.guided_weight, flux_form=args.flux_form,
-                                            kl_start_step=args.kl_start_step))
+                                            kl_start_step=args.kl_start_step, guided_layers=args.guided_layers,
+                                            guided_heads=args.guided_heads))
     model, state = build_model(args, train_cfg, out)
     cfg = model.cfg
     tokenizer = tokenizer_from_spec(cfg.tokenizer)
@@ -193,6 +231,13 @@ def train(args) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         torch.set_rng_state(state["torch_rng"])
+        if state.get("n_utterances") != len(dataset):
+            # Another corpus (or one the run did not record): the saved place in the epoch
+            # indexes batches of the old one.
+            if rank == 0:
+                print(f"the corpus changed ({state.get('n_utterances', 'unrecorded')} -> {len(dataset)} "
+                      "utterances): starting a new epoch")
+            epoch, batch_in_epoch = epoch + 1, 0
     if rank == 0:
         print(f"model {count_parameters(model) / 1e6:.2f}M params, r={cfg.r}, {len(dataset)} utterances, "
               f"world {world}, starting at step {step}")
@@ -209,7 +254,7 @@ def train(args) -> Path:
             trainer_state = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
                              "batch_in_epoch": batch_in_epoch, "torch_rng": torch.get_rng_state(),
                              "minutes": minutes_before + (time.monotonic() - start) / 60,
-                             "train_config": dataclasses.asdict(train_cfg)}
+                             "n_utterances": len(dataset), "train_config": dataclasses.asdict(train_cfg)}
             save_checkpoint(out / "latest", model, trainer_state)
 
     steps_done = 0
@@ -226,6 +271,8 @@ def train(args) -> Path:
                 with torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
                     frames = (feed_own_predictions(model, batch, train_cfg.scheduled_sampling)
                               if train_cfg.scheduled_sampling > 0 else batch.frames)
+                    if train_cfg.input_noise > 0:
+                        frames = frames + train_cfg.input_noise * torch.randn_like(frames)
                     out_ = ddp_model(batch.text, batch.text_lens, frames, batch.n_groups,
                                      attention_layers=train_cfg.loss.guided_layers if wants_attention else ())
                 terms = melle_loss(out_, batch.mel, batch.n_frames, batch.n_groups, batch.text_lens, step, train_cfg.loss)
@@ -251,9 +298,12 @@ def train(args) -> Path:
                     raise FloatingPointError(f"loss became {float(terms.total)} at step {step}; "
                                              "lower --lr or resume from the last checkpoint")
                 out_of_time = args.max_minutes and (time.monotonic() - start) / 60 >= args.max_minutes
-                if time.monotonic() - last_save >= args.checkpoint_minutes * 60:
+                probe_now = args.probe_every and step % args.probe_every == 0
+                if probe_now or time.monotonic() - last_save >= args.checkpoint_minutes * 60:
                     save()
                     last_save = time.monotonic()
+                if probe_now and rank == 0:
+                    run_probe(out / "latest", args.probe_manifest, args.probe_limit, out / "probes" / f"step{step}")
                 stop_asked = stop.agreed(world, device)
                 if steps_done >= args.steps or step >= train_cfg.total_steps or out_of_time or stop_asked:
                     break
@@ -267,6 +317,14 @@ def train(args) -> Path:
         dist.barrier()  # wait for rank 0's save: a rank tearing gloo down alone can abort ("terminate called")
         dist.destroy_process_group()
     return out / "latest"
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """``"0,1,2"`` -> ``(0, 1, 2)`` for argparse."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -286,13 +344,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
     p.add_argument("--hold-steps", type=int, default=TrainConfig.hold_steps)
     p.add_argument("--total-steps", type=int, default=TrainConfig.total_steps)
+    p.add_argument("--cycle-start", type=int, default=TrainConfig.cycle_start,
+                   help="step the learning-rate cycle (warm-up, hold, decay) starts at: a resumed run "
+                        "starts a new cycle by passing its current step")
+    p.add_argument("--decay", choices=["linear", "cosine"], default=TrainConfig.decay)
     p.add_argument("--batch-frames", type=int, default=TrainConfig.batch_frames)
     p.add_argument("--guided-weight", type=float, default=0.0, help="guided-attention loss weight (0 = off)")
+    p.add_argument("--guided-layers", type=int_list, default=LossConfig.guided_layers, metavar="I,J",
+                   help="layers whose guided heads get the diagonal prior")
+    p.add_argument("--guided-heads", type=int_list, default=LossConfig.guided_heads, metavar="I,J",
+                   help="guided heads in each of --guided-layers")
     p.add_argument("--flux-form", choices=["paper", "bounded"], default="bounded")
     p.add_argument("--kl-start-step", type=int, default=LossConfig.kl_start_step)
     p.add_argument("--scheduled-sampling", type=float, default=0.0, metavar="RATE",
                    help="share of input frame groups replaced by the model's own teacher-forced predictions "
                         "(0 = pure teacher forcing); costs one extra no-grad forward per step")
+    p.add_argument("--input-noise", type=float, default=0.0, metavar="STD",
+                   help="Gaussian noise added to the decoder's input frames, so it learns to read imperfect ones")
+    p.add_argument("--probe-every", type=int, default=0, metavar="STEPS",
+                   help="every STEPS steps, save and score the checkpoint on held-out sentences "
+                        "(benchmarks/quality.py, into OUT/probes/stepN); 0 = never")
+    p.add_argument("--probe-manifest", help="held-out corpus jsonl for --probe-every (e.g. corpus/joe/test.jsonl)")
+    p.add_argument("--probe-limit", type=int, default=20, help="held-out utterances per probe")
     p.add_argument("--log-every", type=int, default=TrainConfig.log_every)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
@@ -300,10 +373,80 @@ def main(argv: list[str] | None = None) -> None:
                         "1.15-1.3x faster demo steps on 2-core CPUs with AVX512-BF16/AMX")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     args = p.parse_args(argv)
+    validate_args(p, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"checkpoint: {train(args)}")
 
 
+def validate_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse bad options before any model, data or process group is touched.
+
+    Option values and conflicts: ``p.error`` (exit 2). Input files that are missing or unreadable:
+    :class:`UserError` (exit 3); an output that cannot be a run directory: :class:`OutputError` (exit 5).
+    """
+    ranges = [  # (option, value, acceptable, what it must be); NaN fails every check
+        ("--steps", args.steps, args.steps >= 1, ">= 1"),
+        ("--lr", args.lr, 0 < args.lr < math.inf, "> 0 (and finite)"),
+        ("--warmup-steps", args.warmup_steps, args.warmup_steps >= 1, ">= 1"),
+        ("--hold-steps", args.hold_steps, args.hold_steps >= 0, ">= 0"),
+        ("--total-steps", args.total_steps, args.total_steps >= 1, ">= 1"),
+        ("--batch-frames", args.batch_frames, args.batch_frames >= 1, ">= 1"),
+        ("--threads", args.threads, args.threads >= 0, ">= 0 (0 = torch default)"),
+        ("--scheduled-sampling", args.scheduled_sampling, 0 <= args.scheduled_sampling <= 1, "a share in [0, 1]"),
+        ("--guided-weight", args.guided_weight, 0 <= args.guided_weight < math.inf, ">= 0"),
+        ("--kl-start-step", args.kl_start_step, args.kl_start_step >= 0, ">= 0"),
+        ("--log-every", args.log_every, args.log_every >= 1, ">= 1"),
+        ("--checkpoint-minutes", args.checkpoint_minutes, 0 < args.checkpoint_minutes < math.inf, "> 0"),
+        ("--max-minutes", args.max_minutes, 0 <= args.max_minutes < math.inf, ">= 0 (0 = no limit)"),
+        ("--input-noise", args.input_noise, 0 <= args.input_noise < math.inf, "a standard deviation: >= 0"),
+        ("--probe-every", args.probe_every, args.probe_every >= 0, ">= 0 (0 = never)"),
+        ("--probe-limit", args.probe_limit, args.probe_limit >= 1, ">= 1"),
+    ]
+    if args.r is not None:
+        ranges.append(("--r", args.r, args.r >= 1, ">= 1 (mel frames per decoder step)"))
+    for option, value, ok, what in ranges:
+        if not ok:
+            p.error(f"{option} must be {what}, got {value}")
+    if args.probe_every and not args.probe_manifest:
+        p.error("--probe-every needs --probe-manifest (a held-out corpus jsonl)")
+    if not 0 <= args.cycle_start < args.total_steps:
+        p.error(f"--cycle-start must lie in [0, --total-steps), got {args.cycle_start}")
+    try:
+        get_preset(args.mel_preset)
+    except ValueError as err:
+        p.error(f"--mel-preset: {err}")
+
+    manifest = Path(args.manifest)
+    if not manifest.is_file():
+        raise UserError(f"--manifest {manifest} {'is a directory' if manifest.is_dir() else 'does not exist'}: "
+                        "give a corpus jsonl (build one with `python scripts/build_corpus.py --out corpus/joe ...`)",
+                        ExitCode.INPUT)
+    if args.probe_manifest and not Path(args.probe_manifest).is_file():
+        raise UserError(f"--probe-manifest {args.probe_manifest} does not exist: give a held-out corpus jsonl "
+                        "(e.g. corpus/joe/test.jsonl from scripts/build_corpus.py)", ExitCode.INPUT)
+    for option, path in (("--manifest", manifest), ("--probe-manifest", args.probe_manifest)):
+        if path:
+            try:
+                read_manifest(path)  # a bad row fails here, not after the model is built
+            except (ValueError, OSError) as err:
+                raise UserError(f"{option}: {err}", ExitCode.INPUT) from None
+    for option, path in (("--out", Path(args.out)), ("--cache", Path(args.cache) if args.cache else None)):
+        if path is not None and path.exists() and not path.is_dir():
+            raise OutputError(f"{option} {path} is a file; give a directory (it is created when missing)")
+
+
+EXPECTED_ERRORS = {
+    CheckpointError: ExitCode.MODEL,  # --resume from an unreadable OUT/latest
+    FloatingPointError: ExitCode.NUMERIC,  # the loss became NaN/inf
+}
+
+
+def cli() -> None:
+    """Entry point: expected failures are one line on stderr and an exit code (melle.cli); ``main``
+    itself raises, for tests and callers that want the exception."""
+    sys.exit(run_cli(main, EXPECTED_ERRORS))
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -37,6 +37,18 @@ def read_probe(spec: str) -> list[dict]:
             for name, s in systems.items() if name in CHECKPOINT_SYSTEMS]
 
 
+def probes_in(folder: Path) -> list[str]:
+    """``STEP=PATH`` for each probe result in ``folder``, by step."""
+    if not folder.is_dir():
+        raise SystemExit(f"--probe-dir {folder} is not a directory")
+    found = {}
+    for path in [*folder.glob("step*.json"), *folder.glob("step*/quality.json")]:
+        name = path.stem if path.suffix == ".json" and path.name != "quality.json" else path.parent.name
+        if name[4:].isdigit():
+            found[int(name[4:])] = path
+    return [f"{step}={path}" for step, path in sorted(found.items())]
+
+
 def write_probes(rows: list[dict], path: Path) -> None:
     lines = [",".join(PROBE_FIELDS)]
     lines += [",".join(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in PROBE_FIELDS)
@@ -50,7 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="directory for training_curve.png and train_log.csv")
     p.add_argument("--probe", action="append", default=[], metavar="STEP=QUALITY_JSON",
                    help="a quality.py result of the checkpoint at STEP (repeatable)")
+    p.add_argument("--probe-dir", action="append", default=[], metavar="DIR",
+                   help="every DIR/stepN.json and DIR/stepN/quality.json (melle.train --probe-every) as a probe")
     args = p.parse_args(argv)
+    args.probe += [spec for folder in args.probe_dir for spec in probes_in(Path(folder))]
     with open(args.log) as f:
         rows = list(csv.DictReader(f))
     if not rows:

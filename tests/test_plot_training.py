@@ -16,7 +16,7 @@ LOG = """step,epoch,minutes,lr,total,reg,kl,flux,stop,guided,align
 def run_plot(tmp_path, *extra):
     (tmp_path / "train_log.csv").write_text(LOG)
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_training.py"), str(tmp_path / "train_log.csv"),
-                           "--out", str(tmp_path / "out"), *extra], capture_output=True, text=True)
+                           "--out", str(tmp_path / "out"), *map(str, extra)], capture_output=True, text=True)
 
 
 def test_probes_join_the_curve_by_step(tmp_path):
@@ -39,3 +39,16 @@ def test_probes_join_the_curve_by_step(tmp_path):
 def test_malformed_probe_is_a_clear_error(tmp_path):
     done = run_plot(tmp_path, "--probe", "latest.json")
     assert done.returncode != 0 and "STEP=PATH" in done.stderr
+
+
+def test_a_probe_directory_gives_every_step_it_holds(tmp_path):
+    probes = tmp_path / "probes"
+    for step, wer, layout in ((5, 0.9, "step5.json"), (26, 0.4, "step26/quality.json")):
+        path = probes / layout
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"systems": {"reference": {"n": 20, "wer": wer, "sim": 0.8}}}))
+    (probes / "notes.json").write_text("{}")  # not a probe: ignored
+    done = run_plot(tmp_path, "--probe-dir", probes)
+    assert done.returncode == 0, done.stderr
+    with open(tmp_path / "out" / "probes.csv") as f:
+        assert [(r["step"], r["wer"]) for r in csv.DictReader(f)] == [("5", "0.9000"), ("26", "0.4000")]

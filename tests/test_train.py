@@ -23,9 +23,10 @@ from melle.data import bucket_batches, collate
 from melle.decoding import DecodeOptions
 from melle.generate import generate
 from melle.init import random_model
-from melle.text import tokenizer_from_spec
+from melle.text import build_tokenizer, tokenizer_from_spec
 from melle.model import Melle
-from melle.train import feed_own_predictions, main as train_main
+from melle.data import MelDataset
+from melle.train import TrainConfig, feed_own_predictions, main as train_main
 
 RATE = 22050
 TEXTS = ["a rising tone.", "falling low, then high!", "buzz"]
@@ -117,6 +118,51 @@ def test_scheduled_sampling_training_runs_and_is_recorded(corpus, tmp_path, caps
     torch.save(state, tmp_path / "latest" / "trainer.pt")
     train(corpus, tmp_path, "--steps", 1, "--batch-frames", 200, "--resume", "--scheduled-sampling", 0.5)
     assert "scheduled_sampling unset -> 0.5" in capsys.readouterr().out
+
+
+def test_a_new_learning_rate_cycle_warms_up_holds_and_decays_from_its_start():
+    linear = TrainConfig(lr=5e-4, cycle_start=28_000, warmup_steps=1000, hold_steps=0, total_steps=60_000)
+    cosine = TrainConfig(lr=5e-4, cycle_start=28_000, warmup_steps=1000, hold_steps=0, total_steps=60_000,
+                         decay="cosine")
+    for cfg in (linear, cosine):
+        assert cfg.lr_at(28_000) == pytest.approx(5e-7)  # the first warm-up step, not the old run's rate
+        assert cfg.lr_at(28_999) == pytest.approx(5e-4)
+        assert cfg.lr_at(29_000) == pytest.approx(5e-4)
+        assert cfg.lr_at(60_000) == 0.0
+    halfway = 29_000 + 31_000 // 2
+    assert linear.lr_at(halfway) == pytest.approx(2.5e-4, rel=1e-3)
+    assert cosine.lr_at(halfway) == pytest.approx(2.5e-4, rel=1e-3)  # cosine crosses half at the middle
+    assert cosine.lr_at(32_000) > linear.lr_at(32_000)  # and stays higher before it
+    assert cosine.lr_at(57_000) < linear.lr_at(57_000)  # and lower after
+    # A run without a cycle start keeps the schedule the demo was trained with.
+    assert TrainConfig(lr=1e-3, warmup_steps=500, hold_steps=100).lr_at(0) == pytest.approx(2e-6)
+    with pytest.raises(ValueError, match="decay"):
+        TrainConfig(decay="step")
+
+
+def test_new_options_reach_the_saved_run_and_a_bad_one_is_refused(corpus, tmp_path, capsys):
+    train(corpus, tmp_path, "--steps", 2, "--batch-frames", 200, "--input-noise", 0.2, "--guided-weight", 1.0,
+          "--guided-layers", "0,1", "--guided-heads", "0,1", "--decay", "cosine", "--total-steps", 100)
+    saved = load_trainer_state(tmp_path / "latest")["train_config"]
+    assert saved["input_noise"] == 0.2 and saved["decay"] == "cosine"
+    assert list(saved["loss"]["guided_layers"]) == [0, 1] and list(saved["loss"]["guided_heads"]) == [0, 1]
+    assert all(np.isfinite(float(row["guided"])) for row in read_log(tmp_path))
+    train(corpus, tmp_path, "--steps", 1, "--batch-frames", 200, "--resume", "--cycle-start", 2,
+          "--total-steps", 100)
+    assert "cycle_start 0 -> 2" in capsys.readouterr().out
+    for bad, message in ((["--guided-heads", "0,x"], "comma-separated"), (["--input-noise", "-1"], "input-noise"),
+                         (["--probe-every", "10"], "probe-manifest"), (["--cycle-start", "30000"], "cycle-start")):
+        with pytest.raises(SystemExit):
+            train(corpus, tmp_path / "bad", "--steps", 1, *bad)
+        assert message in capsys.readouterr().err
+
+
+def test_utterances_the_tokenizer_cannot_spell_are_skipped_not_fatal(corpus, tmp_path, capsys):
+    tokenizer = build_tokenizer("chars", TEXTS[:1])  # knows only the first text's letters
+    model = random_model("tiny", 0, tokenizer=tokenizer.spec(), n_text_vocab=tokenizer.vocab_size)
+    dataset = MelDataset(corpus, model.cfg, tokenizer_from_spec(model.cfg.tokenizer), tmp_path / "cache")
+    assert [row.text for row in dataset.rows] == TEXTS[:1] and len(dataset.tokens) == len(dataset.n_frames) == 1
+    assert "skipping 2 of 3 utterances" in capsys.readouterr().out
 
 
 def torchrun(port: int) -> list[str]:
