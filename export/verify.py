@@ -9,7 +9,9 @@ other, and free-running decodes with the same seeds (same stop step, mel < 1e-3)
 Runtime through Polygraphy's comparator, a teacher-forced decode vs PyTorch (relative
 error < 1e-2 per step), free-running stop steps within 2% of PyTorch's, and the
 CUDA-graph step against the plain one. NOT VALIDATED ON A GPU yet.
-Exit status 1 when any check fails, 2 when the suite cannot run.
+Exit status 1 when any check fails; when the suite cannot run, one ``error: ...`` line and (melle/cli.py)
+2 for bad options or an engine exported from another config than --ckpt, 4 for an engine directory or
+checkpoint that cannot be loaded, or TensorRT / a GPU missing with --trt.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from melle.checkpoint import load_checkpoint
+from melle.checkpoint import CheckpointError, load_checkpoint
+from melle.cli import ExitCode, UserError, run_cli
 from melle.decoding import DecodeOptions, decode
 from melle.generate import TorchBackend, generate
 from melle.noise import NoiseSource
@@ -168,7 +171,18 @@ def trt_checks(manifest, model, specs: dict, seeds: list[int], options: DecodeOp
     return checks
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_seeds(p: argparse.ArgumentParser, text: str) -> list[int]:
+    """``--seeds 0,1,2`` -> [0, 1, 2]; anything else is a usage error naming the option."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        p.error(f"--seeds must be comma-separated integers like 0,1,2, got {text!r}")
+    if any(seed < 0 for seed in seeds):
+        p.error(f"--seeds must be >= 0 (they seed numpy generators), got {text!r}")
+    return seeds
+
+
+def run(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("engine", help="engine directory")
     p.add_argument("--ckpt", required=True, help="the checkpoint the engine was exported from")
@@ -176,10 +190,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, default=300, help="cap per free-running decode (default: %(default)s)")
     p.add_argument("--trt", action="store_true", help="also check the TensorRT engines (needs an NVIDIA GPU)")
     args = p.parse_args(argv)
-    manifest, model = read_manifest(args.engine), load_checkpoint(args.ckpt)
+    seeds = parse_seeds(p, args.seeds)
+    if args.max_steps < 1:
+        p.error(f"--max-steps must be >= 1, got {args.max_steps}")
+    manifest = read_manifest(args.engine)  # EngineError: exit 4
+    try:
+        model = load_checkpoint(args.ckpt)
+    except CheckpointError as err:
+        raise UserError(f"--ckpt: {err}", ExitCode.MODEL) from None
     if manifest.config != model.cfg:
-        print("error: the engine was exported from a different config than --ckpt", file=sys.stderr)
-        return 2
+        # 2, not 4: the exit status this suite has always given a mismatched pair (tests/test_export.py)
+        raise UserError("the engine was exported from a different config than --ckpt: give the checkpoint "
+                        "it was exported from, or re-export it with export/to_onnx.py", ExitCode.USAGE)
     if args.trt:
         from melle_runtime.trt_backend import check_build, require_gpu
 
@@ -187,9 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             trt, _, device = require_gpu()
             check_build(manifest, trt.__version__, device)
         except EngineError as err:
-            print(f"error: --trt: {err}", file=sys.stderr)
-            return 2
-    seeds = [int(s) for s in args.seeds.split(",")]
+            raise UserError(f"--trt: {err}", ExitCode.MODEL) from None
     specs = engine_specs(manifest, model)
     backend = OrtBackend(manifest)  # one set of sessions for every ORT decode below
     checks = graph_checks(manifest, specs, np.random.default_rng(2024))
@@ -207,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     failed = [c.name for c in checks if not c.passed]
     print(f"{len(checks) - len(failed)}/{len(checks)} checks passed" + (f"; failed: {failed}" if failed else ""))
     return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The suite as a command: the number of failed checks decides 0 or 1; a suite that cannot run
+    is one ``error: ...`` line on stderr and its exit code (melle/cli.py)."""
+    return run_cli(lambda: run(argv), {EngineError: ExitCode.MODEL})
 
 
 if __name__ == "__main__":

@@ -169,11 +169,36 @@ def load_wav(path: str | Path, sample_rate: int, *, min_seconds: float = 0.0) ->
     return np.ascontiguousarray(wav, dtype=np.float32)
 
 
-def save_wav(path: str | Path, wav: np.ndarray, sample_rate: int) -> None:
-    """Write a mono float waveform in [-1, 1] as 16-bit PCM WAV; readers never see a partial file."""
+# Output formats by file extension: (soundfile format, subtype). Every one is written by
+# libsndfile through soundfile (MP3 needs libsndfile >= 1.1, bundled with soundfile's wheels).
+AUDIO_FORMATS = {
+    ".wav": ("WAV", "PCM_16"),
+    ".flac": ("FLAC", "PCM_16"),
+    ".ogg": ("OGG", "VORBIS"),
+    ".mp3": ("MP3", "MPEG_LAYER_III"),
+}
+
+
+def audio_format(path: str | Path) -> tuple[str, str]:
+    """(format, subtype) soundfile writes for ``path``'s extension; AudioError for others."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in AUDIO_FORMATS:
+        raise AudioError(f"cannot write {suffix or 'files without an extension'} ({path}): "
+                         f"name the output {', '.join(AUDIO_FORMATS)}")
+    kind, subtype = AUDIO_FORMATS[suffix]
+    if kind not in sf.available_formats():
+        raise AudioError(f"this libsndfile ({sf.__libsndfile_version__}) cannot write {kind}; "
+                         "upgrade soundfile or write .wav/.flac")
+    return kind, subtype
+
+
+def save_audio(path: str | Path, wav: np.ndarray, sample_rate: int) -> None:
+    """Write a mono float waveform in [-1, 1] in the format ``path``'s extension names (see
+    ``AUDIO_FORMATS``); readers never see a partial file."""
+    kind, subtype = audio_format(path)
     wav = np.asarray(wav, dtype=np.float32)
     if wav.ndim != 1:
-        raise ValueError(f"save_wav takes a mono waveform [T], got shape {wav.shape}")
+        raise ValueError(f"save_audio takes a mono waveform [T], got shape {wav.shape}")
     with atomic_path(path) as tmp:
         # The temp name ends in .tmp, so the format is given explicitly; clip so PCM never wraps.
-        sf.write(tmp, np.clip(wav, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
+        sf.write(tmp, np.clip(wav, -1.0, 1.0), sample_rate, subtype=subtype, format=kind)

@@ -22,6 +22,8 @@ from melle.text import EOS_ID
 class DecoderBackend(Protocol):
     """What a runtime must provide to be driven by ``decode``."""
 
+    capacity: int  # positions (text + prompt + frame groups) one sequence may fill
+
     def start(self, batch: int, max_len: int) -> None:
         """Allocate (or reuse) the KV cache for ``batch`` sequences of ``max_len`` positions."""
 
@@ -42,7 +44,7 @@ class DecoderBackend(Protocol):
 class DecodeOptions:
     stop_threshold: float = 0.5  # stop once sigmoid(stop logit) exceeds this
     min_steps: int = 1  # never stop before this many frame groups
-    max_steps: int = 1000  # frame groups per candidate; capped by the model's max_len
+    max_steps: int = 1000  # frame groups per candidate; capped by the backend's capacity
     candidates: int = 1  # sample N in one batch and keep the best (paper section 5.3)
     stop_enabled: bool = True  # False: always make max_steps (benchmarks)
 
@@ -95,9 +97,9 @@ def decode(backend: DecoderBackend, cfg: MelleConfig, text_ids: list[int], promp
     one_prompt = prompt_groups(prompt_mel, cfg)
     groups = np.repeat(one_prompt[None], batch, axis=0)  # [B, Gp, frame_dim]
     prefix = tokens.shape[1] + groups.shape[1]
-    max_steps = min(options.max_steps, cfg.max_len - prefix)
+    max_steps = min(options.max_steps, backend.capacity - prefix)
     if max_steps < 1:
-        raise ValueError(f"text and prompt take {prefix} positions, the model holds {cfg.max_len}: "
+        raise ValueError(f"text and prompt take {prefix} positions, the engine holds {backend.capacity}: "
                          "shorten the text or the prompt")
     source = NoiseSource(cfg, batch, seed=seed, replay=noise)
     backend.start(batch, prefix + max_steps)

@@ -22,6 +22,7 @@ class TorchBackend:
         self.model = model.eval()
         self.cfg = model.cfg
         self.device = next(model.parameters()).device
+        self.capacity = model.cfg.max_len  # the position table
         self.cache: KVCache | None = None
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import argparse
 import string
+import sys
 
 import torch
 
 from melle.checkpoint import save_checkpoint
+from melle.cli import run_cli
+from melle.fileio import check_output_dir
 from melle.config import PRESETS, preset_config
 from melle.model import Melle, count_parameters
 from melle.text import build_tokenizer
@@ -33,13 +36,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--r", type=int, help="reduction factor (default: the preset's)")
-    parser.add_argument("--out", required=True, help="checkpoint directory to write")
+    parser.add_argument("--out", required=True, help="checkpoint directory to write (new or empty)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace --out even if it holds other files (a trained checkpoint, say)")
     args = parser.parse_args(argv)
+    if args.r is not None and not 1 <= args.r <= 5:
+        parser.error(f"--r must be 1..5 (the paper's reduction factors), got {args.r}")
+    # A random model must never replace a trained one: any non-empty folder needs --force.
+    check_output_dir(args.out, "a new random checkpoint", None, force=args.force)
     overrides = {"r": args.r} if args.r else {}
     model = random_model(args.preset, args.seed, **overrides)
     save_checkpoint(args.out, model)
     print(f"wrote {args.out}: preset {args.preset}, r={model.cfg.r}, {count_parameters(model) / 1e6:.2f}M parameters")
 
 
+def cli() -> None:
+    """Entry point: expected failures are one line on stderr and an exit code (melle.cli)."""
+    sys.exit(run_cli(main))
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -10,6 +10,8 @@ runtime uses it); phonemizer and tokenizers are imported only when a kind needs 
 
 from __future__ import annotations
 
+import datetime
+import math
 import re
 import threading
 import unicodedata
@@ -72,6 +74,41 @@ _CURRENCY_RE = re.compile(
     r"([$\u00a3\u20ac])(\d+)(?:\.(\d+))?(\s+(?:thousand|million|billion|trillion)\b)?",
     re.IGNORECASE,
 )
+# E-mail addresses and URLs are read symbol by symbol ("jane dot doe at example dot org").
+_EMAIL_RE = re.compile(r"(?<![\w.+-])[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+# A URL has a scheme or "www.", or its host ends in a common top-level domain (none
+# of them a common English word, so "ended.It" is no URL).
+_URL_TLDS = "com|org|net|edu|gov|mil|int|io|ai|co|uk|de|fr|eu|ca|au|jp|info|biz|dev"
+_URL_RE = re.compile(
+    r"\b(?:(?:https?|ftp)://|www\.)\S+"
+    rf"|\b[\w-]+(?:\.[\w-]+)*\.(?:{_URL_TLDS})\b(?:/\S*)?",
+    re.IGNORECASE,
+)
+_URL_PREFIX_RE = re.compile(r"^(?:(?:https?|ftp)://)?(?:www\.)?", re.IGNORECASE)
+_URL_TRAILING = ".,;:!?'\")]"  # sentence punctuation after a URL, not part of it
+_URL_SYMBOLS = {
+    ".": "dot", "/": "slash", "@": "at", "-": "dash", "_": "underscore", ":": "colon",
+    "?": "question mark", "=": "equals", "&": "and", "#": "hash", "~": "tilde",
+    "+": "plus", "%": "percent",
+}
+_URL_SYMBOL_RE = re.compile("[" + re.escape("".join(_URL_SYMBOLS)) + "]")
+
+_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
+           "September", "October", "November", "December")
+# US order only: "03/12/2024" is March twelfth. A two-digit year is said as written.
+_US_DATE_RE = re.compile(r"(?<![\w/])(?P<month>\d{1,2})/(?P<day>\d{1,2})/(?P<year>\d{4}|\d{2})"
+                         r"(?![\w/])")
+_ISO_DATE_RE = re.compile(r"(?<![\w-])(?P<year>\d{4})([-/])(?P<month>\d{1,2})\2(?P<day>\d{1,2})"
+                          r"(?![\w-])")
+# "10:30", "3pm", "10:30 a.m."; the lookahead keeps plain numbers out.
+_TIME_RE = re.compile(
+    r"(?<![\w:.])(?P<hour>\d{1,2})(?=:\d\d|\s*[ap]\.?m\b)"
+    r"(?::(?P<minute>\d\d)(?![\d:]))?"
+    r"(?:\s*(?P<meridiem>[ap])\.?m\b(?P<period>\.?))?",
+    re.IGNORECASE,
+)
+# espeak reads "a m" with the article "a" (schwa); "eh m" gets the letter names.
+_MERIDIEM_WORDS = {"a": "eh m", "p": "p m"}
 _THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _MINUS_RE = re.compile(r"(?<![\w.-])-(?=\d)")
 _NUMBER_RE = re.compile(r"(\d+)(st|nd|rd|th)\b|\d+\.\d+|\d+", re.IGNORECASE)
@@ -101,6 +138,62 @@ def _currency(match: re.Match[str]) -> str:
     return words + f" and {int(fraction)} {cent if fraction == '01' else cents}"
 
 
+def _spell_symbols(text: str) -> str:
+    """``text`` with the symbols of an address said as words."""
+    return _WHITESPACE_RE.sub(" ", _URL_SYMBOL_RE.sub(lambda m: f" {_URL_SYMBOLS[m.group(0)]} ",
+                                                      text)).strip()
+
+
+def _url(match: re.Match[str]) -> str:
+    url = match.group(0)
+    core = url.rstrip(_URL_TRAILING)
+    # Listeners need neither the scheme, "www." nor a final slash.
+    address = _URL_PREFIX_RE.sub("", core).rstrip("/")
+    return _spell_symbols(address) + url[len(core):]
+
+
+def _two_digit_words(digits: str) -> str:
+    """"05" -> "oh five", "24" -> "twenty-four" (minutes, short years)."""
+    if digits[0] == "0":
+        return f"oh {num2words(int(digits[1]))}"
+    return num2words(int(digits))
+
+
+def _date(match: re.Match[str]) -> str:
+    """"December third, twenty twenty-four"; an impossible date is left to the number rules."""
+    year, month, day = match["year"], int(match["month"]), int(match["day"])
+    try:  # a two-digit year is checked as 20yy: only February 29 depends on it
+        datetime.date(int(year) + (2000 if len(year) == 2 else 0), month, day)
+    except ValueError:
+        return match.group(0)
+    if len(year) == 2:
+        year_words = _two_digit_words(year)
+    else:  # num2words writes 1905 as "nineteen oh-five"; espeak pauses at the hyphen
+        year_words = num2words(int(year), to="year").replace("oh-", "oh ")
+    return f"{_MONTHS[month - 1]} {num2words(day, to='ordinal')}, {year_words}"
+
+
+def _time(match: re.Match[str]) -> str:
+    """"ten thirty", "nine oh five", "seven o'clock", "three p m"; anything that is no
+    clock time is left to the number rules."""
+    hour, minute, meridiem = int(match["hour"]), match["minute"], match["meridiem"]
+    valid_hour = 1 <= hour <= 12 if meridiem else hour <= 23
+    if not (minute or meridiem) or not valid_hour or (minute and int(minute) > 59):
+        return match.group(0)
+    words = num2words(hour)
+    if minute and minute != "00":
+        words += " " + _two_digit_words(minute)
+    elif not meridiem:  # 24-hour full hours are "nineteen hundred"
+        words += " o'clock" if 1 <= hour <= 12 else " hundred"
+    if meridiem:
+        words += " " + _MERIDIEM_WORDS[meridiem.lower()]
+        # The period of "p.m." also ends a sentence when one ends or a new one starts.
+        rest = match.string[match.end():]
+        if match["period"] and (not rest.strip() or re.match(r"\s+[A-Z]", rest)):
+            words += "."
+    return words
+
+
 def _number_words(match: re.Match[str]) -> str:
     token = match.group(0)
     if match.group(1):
@@ -124,16 +217,29 @@ def _number_words(match: re.Match[str]) -> str:
 
 
 def normalize_text(text: str) -> str:
-    """Text as it should be spoken: NFKC, ASCII quotes and dashes, abbreviations,
-    ``&``, ``%``, currency ($ £ €) and numbers (cardinals, decimals, ordinals; years
-    as cardinals) spelled out, whitespace collapsed. Case and the punctuation
-    ``, . ! ? ; : ' - "`` are kept."""
+    """Text as it should be spoken (US English): NFKC, ASCII quotes and dashes;
+    e-mail addresses and URLs read symbol by symbol without scheme or "www."
+    ("jane dot doe at example dot org", "example dot com slash path"); abbreviations,
+    ``&``, ``%``; dates in US month/day/year or ISO year-month-day order ("12/03/2024",
+    "2024-12-03" -> "December third, twenty twenty-four"; "12/3/24" -> "December third,
+    twenty-four"); clock times ("9:05" -> "nine oh five", "7:00" -> "seven o'clock",
+    "3pm" -> "three p m", "10:30 a.m." -> "ten thirty eh m"); currency ($ £ €) and
+    numbers (cardinals, decimals, ordinals; years outside dates as cardinals) spelled
+    out, whitespace collapsed. Impossible dates and times are read as plain numbers.
+    Case and the punctuation ``, . ! ? ; : ' - "`` are kept."""
     text = unicodedata.normalize("NFKC", text).translate(_QUOTES)
+    # Addresses first: their dots, digits and "co." must not meet the rules below.
+    text = _EMAIL_RE.sub(lambda m: _spell_symbols(m.group(0)), text)
+    text = _URL_RE.sub(_url, text)
     text = _LATIN_RE.sub(lambda m: _expand(m, _LATIN[m.group(1).lower()]), text)
     text = _NUMBER_ABBREV_RE.sub(lambda m: _expand(m, "number"), text)
     text = _ABBREVIATION_RE.sub(lambda m: _expand(m, _ABBREVIATIONS[m.group(1).lower()]), text)
     text = text.replace("&", " and ").replace("%", " percent")
     text = _THOUSANDS_RE.sub("", text)
+    # Before the number rule, which would read "12/03" as "twelve/zero three".
+    text = _US_DATE_RE.sub(_date, text)
+    text = _ISO_DATE_RE.sub(_date, text)
+    text = _TIME_RE.sub(_time, text)
     text = _CURRENCY_RE.sub(_currency, text)
     text = _MINUS_RE.sub("minus ", text)
     text = _NUMBER_RE.sub(_number_words, text)
@@ -141,11 +247,86 @@ def normalize_text(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Interface
+# Checks on what users pass
+
+# English read speech runs at about 2-4 words/s; the bounds are generous so that only
+# a transcript that cannot be what the recording says is flagged.
+_MIN_WORDS_PER_SECOND = 1.0
+_MAX_WORDS_PER_SECOND = 6.0
+_PROMPT_SILENCE_S = 1.0  # leading and trailing silence a prompt may hold
+_WORD_RE = re.compile(r"\w+(?:'\w+)*")
 
 
-def _describe(symbols: Iterable[str]) -> str:
+def describe_symbols(symbols: Iterable[str]) -> str:
+    """Symbols for a message, each with its code points: ``'r' (U+0072), '中' (U+4E2D)``."""
     return ", ".join(f"{s!r} ({' '.join(f'U+{ord(c):04X}' for c in s)})" for s in symbols)
+
+
+def _is_silent(char: str) -> bool:
+    """Invisible format characters (zero-width joiner, direction marks, variation
+    selectors of emoji): nothing is said for them."""
+    return (unicodedata.category(char) == "Cf"
+            or unicodedata.name(char, "").startswith("VARIATION SELECTOR"))
+
+
+def _is_speakable_folded(char: str) -> bool:
+    """Whether ``char``, already NFKC-normalised and folded, is in the speakable set."""
+    if char.isascii():
+        return char.isprintable() or char.isspace()
+    if unicodedata.category(char).startswith("L"):
+        return unicodedata.name(char, "").startswith("LATIN ")
+    return (char.isspace() or unicodedata.category(char) == "Nd" or char in _CURRENCIES
+            or "\u0300" <= char <= "\u036f")  # combining accents of Latin letters
+
+
+def _is_unspeakable(char: str) -> bool:
+    folded = unicodedata.normalize("NFKC", char).translate(_QUOTES)
+    return not _is_silent(char) and not all(_is_speakable_folded(c) for c in folded)
+
+
+def unspeakable_characters(text: str) -> list[str]:
+    """The distinct characters of ``text``, in order of first appearance, that an English
+    voice cannot speak sensibly (espeak says "Chinese letter" for 中 and an emoji's name).
+
+    A character is speakable when its NFKC form, with curly quotes and dashes folded to
+    ASCII as :func:`normalize_text` does, consists only of printable ASCII or whitespace,
+    Latin letters (é, ü, ß), combining accents (U+0300-U+036F), decimal digits, and the
+    currency signs £ €. So curly quotes, dashes, "…", full-width letters, "²" and "™"
+    are speakable; letters of other scripts (CJK, Cyrillic, Arabic, Greek, ...), emoji
+    and other symbols (categories So, Sk, Sm, e.g. "°", "•"), other punctuation ("¿"),
+    control, private-use and unassigned characters are not. Invisible format characters
+    (zero-width joiner, variation selectors) are never reported.
+    """
+    return [c for c in dict.fromkeys(text) if _is_unspeakable(c)]
+
+
+def prompt_transcript_mismatch(transcript: str, prompt_seconds: float) -> str | None:
+    """A one-sentence warning when ``transcript`` cannot be what a prompt recording of
+    ``prompt_seconds`` says, None when it is plausible. The model speaks aloud the part
+    of a prompt transcript its audio lacks, so a mismatch must be caught.
+
+    Words are counted in the normalised transcript (so "$5" is two words). Flagged:
+    more than 6 words per second of audio, or fewer than 1 word per second of audio
+    beyond 1 s of allowed silence (and an empty transcript). Raises ValueError unless
+    ``prompt_seconds`` is positive and finite.
+    """
+    if not 0 < prompt_seconds < math.inf:
+        raise ValueError(f"prompt_seconds must be positive and finite, got {prompt_seconds}")
+    words = len(_WORD_RE.findall(normalize_text(transcript)))
+    if words > _MAX_WORDS_PER_SECOND * prompt_seconds:
+        advice = "pass the transcript of exactly what the prompt wav says, and nothing more"
+    elif words == 0 or words < _MIN_WORDS_PER_SECOND * (prompt_seconds - _PROMPT_SILENCE_S):
+        advice = ("pass the transcript of everything the prompt wav says, or trim the wav "
+                  "to the words transcribed")
+    else:
+        return None
+    return (f"the prompt is {prompt_seconds:.1f} s long but its transcript has {words} "
+            f"word{'' if words == 1 else 's'} ({words / prompt_seconds:.1f} words/s; read "
+            f"speech is about 2-4 words/s); {advice}")
+
+
+# ---------------------------------------------------------------------------
+# Interface
 
 
 class Tokenizer(ABC):
@@ -197,14 +378,14 @@ class Tokenizer(ABC):
         unknown = sorted({s for s, i in zip(symbols, ids) if i is None})
         if unknown and on_unknown == "error":
             raise UnknownSymbolError(
-                f"the {self.kind} tokenizer does not know {_describe(unknown)} in {text!r} "
-                f"(they were not in its training corpus); pass on_unknown='drop' to leave "
-                f"them out, or rewrite the text",
+                f"the {self.kind} tokenizer does not know {describe_symbols(unknown)} in "
+                f"{text!r} (they were not in its training corpus); pass on_unknown='drop' to "
+                f"leave them out, or rewrite the text",
                 unknown,
             )
         if unknown:
-            warnings.warn(f"{self.kind} tokenizer dropped unknown symbols {_describe(unknown)} "
-                          f"from {text!r}", stacklevel=2)
+            warnings.warn(f"{self.kind} tokenizer dropped unknown symbols "
+                          f"{describe_symbols(unknown)} from {text!r}", stacklevel=2)
         kept = [s for s, i in zip(symbols, ids) if i is not None]
         # Punctuation, spaces and word markers alone give the model nothing to say.
         if not any(c.isalnum() for s in kept for c in s):

@@ -16,6 +16,7 @@ from melle.fileio import write_text_atomic
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
+TIMING_CACHE_FILE = "timing.cache"  # TensorRT's, written beside the engines by export/to_trt.py
 MODEL_GRAPHS = ("prefill", "decoder_step", "latent_head", "postnet")
 
 
@@ -59,6 +60,30 @@ def write_manifest(directory: str | Path, data: dict[str, Any]) -> None:
     """Write ``manifest.json`` atomically; ``data`` must hold config, graphs, max_len, batch_max."""
     data = {"format_version": MANIFEST_VERSION, **data}
     write_text_atomic(Path(directory) / MANIFEST_FILE, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def engine_entries(directory: str | Path) -> set[str] | None:
+    """Names an exporter wrote in an engine directory (the manifest and every file it lists,
+    TensorRT's timing cache), or None when ``directory`` holds no readable manifest."""
+    directory = Path(directory)
+    try:
+        raw = json.loads((directory / MANIFEST_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    names = {MANIFEST_FILE, TIMING_CACHE_FILE}
+
+    def collect(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "file" and isinstance(value, str):
+                    names.update({value, f"{value}.data"})  # a graph over 2 GB keeps its weights beside it
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    collect(raw)
+    return names
 
 
 def read_manifest(directory: str | Path, verify: bool = True) -> Manifest:

@@ -1,10 +1,11 @@
 """Synthesise speech from an engine directory.
 
     python runtime/synth.py --engine ENGINE_DIR --text "Hello there." --out out.wav
-    python runtime/synth.py --engine ENGINE_DIR --text-file lines.txt --out-dir wavs/   (one wav per line)
+    python runtime/synth.py --engine ENGINE_DIR --text-file lines.txt --out-dir wavs/   (one file per line)
     echo "Hello." | python runtime/synth.py --engine ENGINE_DIR --out-dir wavs/
 
-Runs on ONNX Runtime (CPU or CUDA) or TensorRT; never imports torch.
+The output format follows the extension (.wav, .flac, .ogg, .mp3). Existing files are never
+replaced without --overwrite. Runs on ONNX Runtime (CPU or CUDA) or TensorRT; never imports torch.
 """
 
 from __future__ import annotations
@@ -12,19 +13,32 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from melle.audio import AudioError, save_wav
+from melle.audio import AUDIO_FORMATS, AudioError, audio_format, save_audio
+from melle.cli import ExitCode, OutputError, UserError, run_cli
+from melle.fileio import atomic_path, check_output_file
 from melle.text import EmptyTextError, UnknownSymbolError
 from melle_runtime.manifest import EngineError
 from melle_runtime.synthesizer import BACKENDS, SynthesisOptions, Synthesizer
 
+DEFAULT_OUT = "out.wav"
+DEFAULT_OUT_DIR = "synth_out"
+
+
+@dataclass(frozen=True)
+class Job:
+    text: str
+    target: Path
+    line: int | None  # 1-based line of --text-file / stdin; None for --text
+
 
 def save_mel_png(mel, path: Path, title: str) -> None:
-    """A spectrogram picture of ``mel [frames, n_mels]``."""
+    """A spectrogram picture of ``mel [frames, n_mels]``, written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,25 +49,86 @@ def save_mel_png(mel, path: Path, title: str) -> None:
     ax.set(xlabel="frame", ylabel="mel bin", title=title)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 
-def read_lines(args) -> list[str]:
+class PieceProgress:
+    """A progress bar of pieces and audio seconds, shown only for text of several pieces."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar = enabled, None
+
+    def __enter__(self) -> "PieceProgress":
+        return self
+
+    def __call__(self, done: int, total: int, seconds: float) -> None:
+        if not self.enabled or total < 2:
+            return
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc="speech", unit="piece", leave=False)
+        self.bar.update(done - self.bar.n)
+        self.bar.set_postfix_str(f"{seconds:.1f} s of audio")
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def read_lines(args) -> list[tuple[int, str]]:
+    """(line number, text) of each non-blank line of --text-file or stdin."""
+    try:
+        if args.text_file:
+            with open(args.text_file, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        else:
+            lines = sys.stdin.read().splitlines()
+    except FileNotFoundError:
+        raise UserError(f"--text-file {args.text_file} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"--text-file {args.text_file} is a directory; give a text file") from None
+    except UnicodeDecodeError as err:
+        source = args.text_file or "stdin"
+        raise UserError(f"{source} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                        "save it as UTF-8") from None
+    return [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip()]
+
+
+def plan_jobs(args) -> list[Job]:
+    """What to say and where each result goes, checked before any synthesis runs."""
     if args.text is not None:
-        return [args.text]
-    source = open(args.text_file) if args.text_file else sys.stdin
-    with source:
-        return [line.strip() for line in source if line.strip()]
+        target = check_output_file(args.out or DEFAULT_OUT, args.overwrite)
+        try:
+            audio_format(target)
+        except AudioError as err:
+            raise UserError(f"--out: {err}", ExitCode.USAGE) from None
+        return [Job(args.text, target, None)]
+    lines = read_lines(args)
+    if not lines:
+        raise EmptyTextError(f"no text given: {args.text_file or 'stdin'} has no non-blank line; "
+                             "pass --text, --text-file or lines on stdin")
+    out_dir = Path(args.out_dir or DEFAULT_OUT_DIR)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"--out-dir {out_dir} is a file; give a directory")
+    # Files are named by line number, so blank lines do not shift the names.
+    width = max(4, len(str(lines[-1][0])))
+    return [Job(text, check_output_file(out_dir / f"{n:0{width}d}{args.format}", args.overwrite, "--out-dir file"),
+                n) for n, text in lines]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", required=True, help="engine directory written by export/to_onnx.py")
-    p.add_argument("--text", help="text to speak (default: lines of --text-file or stdin)")
-    p.add_argument("--text-file", help="one utterance per line")
-    p.add_argument("--out", default="out.wav", help="wav path for --text (default: %(default)s)")
-    p.add_argument("--out-dir", default="synth_out", help="directory for line-by-line input (default: %(default)s)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--text", help="text to speak (default: lines of --text-file or stdin)")
+    source.add_argument("--text-file", help="one utterance per line (UTF-8)")
+    p.add_argument("--out", help=f"audio file for --text (default: {DEFAULT_OUT}); .wav .flac .ogg or .mp3")
+    p.add_argument("--out-dir", help=f"directory for line-by-line input (default: {DEFAULT_OUT_DIR}); "
+                                     "line N goes to NNNN.wav")
+    p.add_argument("--format", default=".wav", choices=sorted(AUDIO_FORMATS),
+                   help="file type of --out-dir files (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
     p.add_argument("--prompt-wav", help="voice prompt recording")
     p.add_argument("--prompt-text", help="transcript of --prompt-wav")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
@@ -61,33 +136,59 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidates", type=int, default=1, help="sample N, keep the best (default: %(default)s)")
     p.add_argument("--max-seconds", type=float, default=30.0, help="cap per sentence (default: %(default)s)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--strict", action="store_true", help="characters the voice cannot speak are an error")
     p.add_argument("--mel-png", help="also save a spectrogram picture of the (first) utterance")
     args = p.parse_args(argv)
+    if args.text is not None and args.out_dir is not None:
+        p.error("--out-dir is for --text-file or stdin input; with --text, name the file with --out")
+    if args.text is None and args.out is not None:
+        p.error("--out names the file for --text; for --text-file or stdin give --out-dir (one file per line)")
     if args.prompt_wav and not args.prompt_text:
         p.error("--prompt-wav needs --prompt-text (the transcript of the prompt)")
-    options = SynthesisOptions(candidates=args.candidates, max_seconds=args.max_seconds)
-    try:
-        synth = Synthesizer(args.engine, backend=args.backend, threads=args.threads)
-        lines = read_lines(args)
-        if not lines:
-            raise EmptyTextError("no text given: pass --text, --text-file or lines on stdin")
-        single = args.text is not None
-        targets = [Path(args.out)] if single else [Path(args.out_dir) / f"{i:04d}.wav" for i in range(len(lines))]
-        for i, (line, target) in enumerate(tqdm(list(zip(lines, targets)), disable=single, desc="synth")):
-            start = time.perf_counter()
-            speech = synth.speak(line, args.prompt_wav, args.prompt_text, seed=args.seed + i, options=options)
-            elapsed = time.perf_counter() - start
-            save_wav(target, speech.wav, speech.sample_rate)
-            if args.mel_png and i == 0:
-                save_mel_png(np.concatenate(speech.mels), Path(args.mel_png), line[:60])
-            if single:
-                seconds = len(speech.wav) / speech.sample_rate
-                print(f"wrote {target}: {seconds:.2f} s of audio in {elapsed:.2f} s (RTF {elapsed / seconds:.3f})")
-    except (EngineError, EmptyTextError, UnknownSymbolError, AudioError, FileNotFoundError, FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.prompt_text and not args.prompt_wav:
+        p.error("--prompt-text is the transcript of --prompt-wav: give the recording too")
+    if args.candidates < 1:
+        p.error(f"--candidates must be at least 1, got {args.candidates}")
+    if not args.max_seconds > 0:
+        p.error(f"--max-seconds must be positive, got {args.max_seconds}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be at least 1, got {args.threads}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.mel_png:
+        check_output_file(args.mel_png, args.overwrite, "--mel-png")
+    jobs = plan_jobs(args)
+    synth = Synthesizer(args.engine, backend=args.backend, threads=args.threads)
+    options = SynthesisOptions(candidates=args.candidates, max_seconds=args.max_seconds, strict=args.strict)
+    total_audio, start = 0.0, time.perf_counter()
+    for i, job in enumerate(tqdm(jobs, disable=len(jobs) == 1, desc="lines", unit="line")):
+        with PieceProgress(enabled=len(jobs) == 1) as progress:
+            began = time.perf_counter()
+            speech = synth.speak(job.text, args.prompt_wav, args.prompt_text, seed=args.seed + i, options=options,
+                                 progress=progress)
+        elapsed = time.perf_counter() - began
+        save_audio(job.target, speech.wav, speech.sample_rate)
+        if args.mel_png and i == 0:
+            save_mel_png(np.concatenate(speech.mels), Path(args.mel_png), job.text[:60])
+        seconds = len(speech.wav) / speech.sample_rate
+        total_audio += seconds
+        where = "" if job.line is None else f"line {job.line} -> "
+        tqdm.write(f"{where}wrote {job.target}: {seconds:.2f} s of audio in {elapsed:.2f} s "
+                   f"(RTF {elapsed / seconds:.3f}, {len(speech.pieces)} piece{'s' * (len(speech.pieces) > 1)})")
+    if len(jobs) > 1:
+        print(f"wrote {len(jobs)} files, {total_audio:.1f} s of audio in {time.perf_counter() - start:.1f} s")
     return 0
 
 
+def cli() -> None:
+    """Entry point: expected failures are one line on stderr and an exit code (melle.cli)."""
+    sys.exit(run_cli(main, {EngineError: ExitCode.MODEL, EmptyTextError: ExitCode.INPUT,
+                            UnknownSymbolError: ExitCode.INPUT, AudioError: ExitCode.INPUT,
+                            FloatingPointError: ExitCode.NUMERIC}))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -11,4 +11,5 @@ bash scripts/install.sh export
 if [ ! -f engines/demo/manifest.json ] || [ demo/checkpoint/model.safetensors -nt engines/demo/manifest.json ]; then
     .venv/bin/python export/to_onnx.py demo/checkpoint --out engines/demo
 fi
-.venv/bin/python runtime/synth.py --engine engines/demo --text "$text" --out demo.wav --mel-png demo.png
+# demo.wav and demo.png are this script's own outputs: each run replaces them.
+.venv/bin/python runtime/synth.py --engine engines/demo --text "$text" --out demo.wav --mel-png demo.png --overwrite

@@ -1,5 +1,7 @@
 """Mel features (numpy == torch == librosa filterbank) and audio file io."""
 
+import os
+import stat
 import subprocess
 import sys
 
@@ -8,7 +10,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from melle.audio import PRESETS, AudioError, get_preset, load_wav, mel_filterbank, mel_spectrogram, save_wav
+from melle.audio import PRESETS, AudioError, get_preset, load_wav, mel_filterbank, mel_spectrogram, save_audio
+from melle.fileio import atomic_dir
 from melle.mel_torch import mel_spectrogram_torch
 
 
@@ -100,8 +103,37 @@ def test_unusable_audio_raises_audio_error(tmp_path):
 
 def test_save_wav_round_trip(tmp_path):
     wav = chirp(22050, 0.5)
-    save_wav(tmp_path / "out" / "a.wav", wav, 22050)
+    save_audio(tmp_path / "out" / "a.wav", wav, 22050)
     info = sf.info(tmp_path / "out" / "a.wav")
     assert (info.samplerate, info.channels, info.subtype) == (22050, 1, "PCM_16")
     np.testing.assert_allclose(load_wav(tmp_path / "out" / "a.wav", 22050), wav, atol=1 / 2**15)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.wav"], "no temp file left behind"
+
+
+@pytest.mark.parametrize("suffix, kind", [(".flac", "FLAC"), (".ogg", "OGG"), (".mp3", "MP3"), (".WAV", "WAV")])
+def test_save_audio_writes_the_format_its_extension_names(tmp_path, suffix, kind):
+    wav = chirp(22050, 0.5)
+    save_audio(tmp_path / f"a{suffix}", wav, 22050)
+    info = sf.info(tmp_path / f"a{suffix}")
+    assert (info.format, info.samplerate, info.channels) == (kind, 22050, 1)
+    back = load_wav(tmp_path / f"a{suffix}", 22050)
+    # Lossy codecs shift and pad: compare loudness, not samples.
+    assert abs(np.sqrt(np.mean(back ** 2)) - np.sqrt(np.mean(wav ** 2))) < 0.1 * np.sqrt(np.mean(wav ** 2))
+
+
+def test_save_audio_refuses_an_extension_it_cannot_write(tmp_path):
+    with pytest.raises(AudioError, match=r"\.m4a.*\.wav, \.flac, \.ogg, \.mp3"):
+        save_audio(tmp_path / "a.m4a", chirp(22050, 0.1), 22050)
+    assert not any(tmp_path.iterdir())
+
+
+def test_outputs_get_the_permissions_the_umask_asks_for(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        save_audio(tmp_path / "a.wav", chirp(22050, 0.1), 22050)
+        with atomic_dir(tmp_path / "engine") as tmp:
+            (tmp / "x").write_text("x")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "a.wav").stat().st_mode) == 0o644  # was 0600 from mkstemp
+    assert stat.S_IMODE((tmp_path / "engine").stat().st_mode) == 0o755  # was 0700 from mkdtemp

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from melle_runtime.synthesizer import Synthesizer, split_sentences
+from melle_runtime.segments import PAUSE_AFTER, split_pieces
+from melle_runtime.synthesizer import Synthesizer
 
 ROOT = Path(__file__).resolve().parents[1]
 # Runs synth.py in a process where `import torch` fails, then proves torch never loaded.
@@ -52,9 +53,9 @@ def test_cli_speaks_without_torch(voiced_engine, tmp_path):
 
 
 def test_cli_reads_lines_from_stdin(voiced_engine, tmp_path):
-    done = synth("--engine", voiced_engine, "--out-dir", tmp_path, "--max-seconds", "1", stdin="one.\n\ntwo.\n")
+    done = synth("--engine", voiced_engine, "--out-dir", tmp_path, "--max-seconds", "1", stdin="one.\ntwo.\n")
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in tmp_path.glob("*.wav")) == ["0000.wav", "0001.wav"]
+    assert sorted(p.name for p in tmp_path.glob("*.wav")) == ["0001.wav", "0002.wav"]
 
 
 def test_prompt_handling(voiced_engine, tmp_path):
@@ -115,14 +116,29 @@ def test_api_joins_sentences_with_a_pause(voiced_engine):
     np.testing.assert_array_equal(wav[: len(one)], one)  # sentence 1 keeps its seed
 
 
-def test_split_sentences():
-    assert split_sentences(" One. Two!  Three? four; five ") == ["One.", "Two!", "Three?", "four;", "five"]
-    assert split_sentences("   ") == []
+def test_pieces_are_sentences_with_pauses_from_their_punctuation():
+    pieces = split_pieces(" One. Two!  Three? four; five, six ", lambda piece: True)
+    assert [p.text for p in pieces] == ["One.", "Two!", "Three?", "four;", "five, six"]
+    assert [p.pause_after for p in pieces] == [0.35, 0.35, 0.35, 0.25, 0.0]  # none after the last
+    assert split_pieces("   ", lambda piece: True) == [] and split_pieces("... !", lambda piece: True) == []
+
+
+def test_a_sentence_too_long_for_the_engine_splits_at_clauses_then_words():
+    fits = lambda piece: len(piece.split()) <= 4  # noqa: E731 - the engine's capacity, in words
+    pieces = split_pieces("one two, three four five six seven, eight. Nine ten.", fits)
+    assert [p.text for p in pieces] == ["one two,", "three four five six", "seven,", "eight.", "Nine ten."]
+    assert [p.pause_after for p in pieces] == [PAUSE_AFTER[","], 0.05, PAUSE_AFTER[","], PAUSE_AFTER["."], 0.0]
+    with pytest.raises(ValueError, match="alone is longer"):
+        split_pieces("supercalifragilistic", lambda piece: False)
 
 
 def test_abbreviations_and_decimals_do_not_split_sentences(voiced_engine):
     speech = Synthesizer(voiced_engine).speak("Dr. Smith paid 3.5 dollars. Then he left!", seed=0)
-    assert len(speech.mels) == 2
+    texts = [p.text for p in speech.pieces]
+    assert len(speech.mels) == len(texts) and texts[-1] == "Then he left!"
+    # The tiny engine holds ~36 characters of text per piece, so the first sentence is cut at a
+    # word boundary, but never after "Dr." or inside "3.5".
+    assert any("Doctor Smith" in t for t in texts) and any("three point five" in t for t in texts)
 
 
 def test_cli_reports_non_finite_output_without_a_traceback(tiny_checkpoint, tmp_path):
