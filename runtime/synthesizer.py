@@ -20,7 +20,7 @@ from melle.text import (EmptyTextError, UnknownSymbolError, describe_symbols, no
                         prompt_transcript_mismatch, tokenizer_from_spec, unspeakable_characters)
 from melle_runtime.manifest import EngineError, read_manifest
 from melle_runtime.ort_backend import OrtBackend, available_providers, make_session
-from melle_runtime.segments import Piece, split_pieces
+from melle_runtime.text_pieces import Piece, split_pieces
 
 BACKENDS = ("ort-cpu", "ort-cpu-int8", "ort-cuda", "trt")
 MIN_PROMPT_SECONDS = 0.5
@@ -132,7 +132,7 @@ class Synthesizer:
         return budget
 
     def pieces(self, text: str, prompt_positions: int = 0) -> list[Piece]:
-        """``text`` normalised and cut into pieces that fit the engine (see melle_runtime.segments)."""
+        """``text`` normalised and cut into pieces that fit the engine (see melle_runtime.text_pieces)."""
         budget = self.piece_budget(prompt_positions)
 
         def fits(piece: str) -> bool:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from melle_runtime.segments import PAUSE_AFTER, split_pieces
+from melle_runtime.text_pieces import PAUSE_AFTER, split_pieces
 from melle_runtime.synthesizer import Synthesizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,3 +155,17 @@ def test_cli_reports_non_finite_output_without_a_traceback(tiny_checkpoint, tmp_
     done = synth("--engine", engine, "--text", "hi.", "--out", tmp_path / "x.wav")
     assert done.returncode != 0 and "NaN/inf" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "x.wav").exists()
+
+
+@pytest.mark.parametrize("folder", ["runtime", "export", "benchmarks", "scripts"])
+def test_no_script_folder_module_shadows_an_installed_one(folder):
+    # `python runtime/synth.py` puts runtime/ first on sys.path: a runtime/segments.py once
+    # hid the `segments` package phonemizer imports, and every phoneme voice crashed.
+    from importlib.machinery import PathFinder
+
+    # Search what is installed (stdlib, site-packages), not sys.modules or this checkout.
+    installed = [path for path in sys.path
+                 if path and ("site-packages" in path or not Path(path).resolve().is_relative_to(ROOT))]
+    shadowing = [p.stem for p in (ROOT / folder).glob("*.py")
+                 if p.stem != "__init__" and PathFinder.find_spec(p.stem, installed) is not None]
+    assert shadowing == [], f"{folder}/ modules shadow installed ones: {shadowing}"
