@@ -31,8 +31,8 @@ from melle.checkpoint import CheckpointError, load_checkpoint, load_trainer_stat
 from melle.cli import ExitCode, OutputError, UserError, run_cli
 from melle.config import PRESETS, preset_config
 from melle.data import Batch, MelDataset, bucket_batches, collate, read_manifest
-from melle.losses import LossConfig, alignment_score, melle_loss
-from melle.model import Melle, count_parameters
+from melle.losses import LossConfig, LossTerms, alignment_score, melle_loss
+from melle.model import Melle, MelleOutput, count_parameters
 from melle.text import build_tokenizer, tokenizer_from_spec
 
 QUALITY_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
@@ -175,17 +175,30 @@ def report_schedule_changes(saved: dict, now: dict, rank: int) -> None:
     """Say which settings a resumed run changes: the command line, not the checkpoint, decides them.
 
     A setting newer than the saved run shows as "unset -> value"; a checkpoint that saved no
-    settings at all has nothing to compare.
+    settings at all has nothing to compare. Values compare as json holds them ((0, 1) == [0, 1]).
     """
     if not saved:
         return
+    saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(now))
     changed = {k: (saved.get(k, "unset"), now[k]) for k in now if saved.get(k, "unset") != now[k]}
     if changed and rank == 0:
         print("resuming with settings that differ from the saved run (saved -> now): "
               + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
 
 
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's schedule and loss settings from the command line."""
+    return TrainConfig(lr=args.lr, cycle_start=args.cycle_start, warmup_steps=args.warmup_steps,
+                       hold_steps=args.hold_steps, total_steps=args.total_steps, decay=args.decay,
+                       batch_frames=args.batch_frames, seed=args.seed, log_every=args.log_every,
+                       scheduled_sampling=args.scheduled_sampling, input_noise=args.input_noise,
+                       loss=LossConfig(guided_weight=args.guided_weight, flux_form=args.flux_form,
+                                       kl_start_step=args.kl_start_step, guided_layers=args.guided_layers,
+                                       guided_heads=args.guided_heads))
+
+
 def build_model(args, train_cfg: TrainConfig, out: Path) -> tuple[Melle, dict | None]:
+    """The model and trainer state to resume from ``OUT/latest``, or a new model (seeded) and None."""
     latest = out / "latest"
     if args.resume and latest.exists():
         return load_checkpoint(latest), load_trainer_state(latest)
@@ -198,125 +211,189 @@ def build_model(args, train_cfg: TrainConfig, out: Path) -> tuple[Melle, dict | 
     return Melle(preset_config(args.preset, **overrides)), None
 
 
-def train(args) -> Path:
-    rank, world = setup_distributed()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    train_cfg = TrainConfig(lr=args.lr, cycle_start=args.cycle_start, warmup_steps=args.warmup_steps,
-                            hold_steps=args.hold_steps, total_steps=args.total_steps, decay=args.decay,
-                            batch_frames=args.batch_frames, seed=args.seed, log_every=args.log_every,
-                            scheduled_sampling=args.scheduled_sampling, input_noise=args.input_noise,
-                            loss=LossConfig(guided_weight=args.guided_weight, flux_form=args.flux_form,
-                                            kl_start_step=args.kl_start_step, guided_layers=args.guided_layers,
-                                            guided_heads=args.guided_heads))
-    model, state = build_model(args, train_cfg, out)
-    cfg = model.cfg
-    tokenizer = tokenizer_from_spec(cfg.tokenizer)
-    cache_dir = Path(args.cache) if args.cache else Path(args.manifest).parent / "cache"
-    if world > 1 and rank != 0:
-        dist.barrier()  # rank 0 fills the shared cache first
-    dataset = MelDataset(args.manifest, cfg, tokenizer, cache_dir, show_progress=rank == 0)
-    if world > 1 and rank == 0:
-        dist.barrier()
+def append_log_row(path: Path, row: dict) -> None:
+    """Add ``row`` to the csv training log, writing the header when the log is new."""
+    write_header = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, LOG_FIELDS)
+        if write_header:
+            writer.writeheader()
+        writer.writerow(row)
 
-    model.train()
-    device = next(model.parameters()).device
-    device_type = device.type
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, betas=(0.9, 0.98),
-                                  weight_decay=train_cfg.weight_decay)
-    step, epoch, batch_in_epoch = 0, 0, 0
-    if state is not None:
-        report_schedule_changes(state.get("train_config", {}), dataclasses.asdict(train_cfg), rank)
-        optimizer.load_state_dict(state["optimizer"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("n_utterances") != len(dataset):
+
+class Trainer:
+    """One training run (one process of it under torchrun): set up by the constructor, then
+    :meth:`run` repeats :meth:`train_step`, :meth:`log`, :meth:`save` and :meth:`probe`.
+
+    ``step``, ``epoch`` and ``batch_in_epoch`` say where the run is: the batch after the last
+    one trained. With the optimizer state and the RNG state they are all a resume needs.
+    """
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.rank, self.world = setup_distributed()
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.cfg = train_config_from_args(args)
+        self.model, state = build_model(args, self.cfg, self.out)
+        self.dataset = self._load_dataset()
+        self.model.train()
+        self.device = next(self.model.parameters()).device
+        self.ddp_model = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, betas=(0.9, 0.98),
+                                           weight_decay=self.cfg.weight_decay)
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.minutes_before = 0.0  # training time of the runs this one resumes
+        self._epoch_batches: tuple[int, list[list[int]]] | None = None  # (epoch, its batches for this rank)
+        if state is not None:
+            self._restore(state)
+        self.started = self.last_save = time.monotonic()
+        if self.rank == 0:
+            print(f"model {count_parameters(self.model) / 1e6:.2f}M params, r={self.model.cfg.r}, "
+                  f"{len(self.dataset)} utterances, world {self.world}, starting at step {self.step}")
+
+    def _load_dataset(self) -> MelDataset:
+        """The corpus with its mel/token cache; under DDP rank 0 fills the shared cache first."""
+        args = self.args
+        cache_dir = Path(args.cache) if args.cache else Path(args.manifest).parent / "cache"
+        if self.world > 1 and self.rank != 0:
+            dist.barrier()
+        dataset = MelDataset(args.manifest, self.model.cfg, tokenizer_from_spec(self.model.cfg.tokenizer),
+                             cache_dir, show_progress=self.rank == 0)
+        if self.world > 1 and self.rank == 0:
+            dist.barrier()
+        return dataset
+
+    def _restore(self, state: dict) -> None:
+        """Continue from a saved trainer state (see :func:`melle.checkpoint.load_trainer_state`)."""
+        report_schedule_changes(state.get("train_config", {}), dataclasses.asdict(self.cfg), self.rank)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as err:
+            raise CheckpointError(f"{self.out / 'latest'}: the optimizer state does not fit the model ({err}); "
+                                  "delete its trainer files to restart the optimizer") from None
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.minutes_before = state["minutes"]
+        torch.set_rng_state(state["torch_rng"])  # dropout, noise and sampling continue their sequence
+        if state.get("n_utterances") != len(self.dataset):
             # Another corpus (or one the run did not record): the saved place in the epoch
             # indexes batches of the old one.
-            if rank == 0:
-                print(f"the corpus changed ({state.get('n_utterances', 'unrecorded')} -> {len(dataset)} "
+            if self.rank == 0:
+                print(f"the corpus changed ({state.get('n_utterances', 'unrecorded')} -> {len(self.dataset)} "
                       "utterances): starting a new epoch")
-            epoch, batch_in_epoch = epoch + 1, 0
-    if rank == 0:
-        print(f"model {count_parameters(model) / 1e6:.2f}M params, r={cfg.r}, {len(dataset)} utterances, "
-              f"world {world}, starting at step {step}")
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
-    log_path = out / "train_log.csv"
-    start = last_save = time.monotonic()
-    minutes_before = state["minutes"] if state else 0.0
-    progress = tqdm(total=min(args.steps, train_cfg.total_steps - step), disable=rank != 0, desc="train")
+    def minutes(self) -> float:
+        """Training time of the whole run, resumed parts included."""
+        return self.minutes_before + (time.monotonic() - self.started) / 60
 
-    def save() -> None:
-        if world > 1:
-            check_ranks_in_sync(model, out, rank, world)
-        if rank == 0:
-            trainer_state = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                             "batch_in_epoch": batch_in_epoch, "torch_rng": torch.get_rng_state(),
-                             "minutes": minutes_before + (time.monotonic() - start) / 60,
-                             "n_utterances": len(dataset), "train_config": dataclasses.asdict(train_cfg)}
-            save_checkpoint(out / "latest", model, trainer_state)
-
-    steps_done = 0
-    with StopRequest() as stop:
-        while steps_done < args.steps and step < train_cfg.total_steps:
-            batches = bucket_batches(dataset.n_frames, train_cfg.batch_frames, train_cfg.seed, epoch, rank, world)
-            for indices in batches[batch_in_epoch:]:
-                batch: Batch = collate([dataset[i] for i in indices], cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = train_cfg.lr_at(step)
-                log_now = step % train_cfg.log_every == 0
-                # Attention maps cost a little: compute them for the guided loss or the log only.
-                wants_attention = train_cfg.loss.guided_weight > 0 or log_now
-                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-                    frames = (feed_own_predictions(model, batch, train_cfg.scheduled_sampling)
-                              if train_cfg.scheduled_sampling > 0 else batch.frames)
-                    if train_cfg.input_noise > 0:
-                        frames = frames + train_cfg.input_noise * torch.randn_like(frames)
-                    out_ = ddp_model(batch.text, batch.text_lens, frames, batch.n_groups,
-                                     attention_layers=train_cfg.loss.guided_layers if wants_attention else ())
-                terms = melle_loss(out_, batch.mel, batch.n_frames, batch.n_groups, batch.text_lens, step, train_cfg.loss)
-                optimizer.zero_grad(set_to_none=True)
-                terms.total.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-                optimizer.step()
-                step, steps_done, batch_in_epoch = step + 1, steps_done + 1, batch_in_epoch + 1
+    def run(self) -> Path:
+        """Train until --steps, the end of the schedule, --max-minutes or a stop signal; save; return OUT/latest."""
+        args, cfg = self.args, self.cfg
+        progress = tqdm(total=min(args.steps, cfg.total_steps - self.step), disable=self.rank != 0, desc="train")
+        steps_done = 0
+        with StopRequest() as stop:
+            while steps_done < args.steps and self.step < cfg.total_steps:
+                log_now = self.step % cfg.log_every == 0
+                batch, output, terms = self.train_step(self._next_batch(), with_attention=log_now)
+                steps_done += 1
                 progress.update()
-                if log_now and rank == 0:
-                    row = {"step": step, "epoch": epoch, "lr": f"{train_cfg.lr_at(step):.3g}",
-                           "minutes": f"{minutes_before + (time.monotonic() - start) / 60:.2f}",
-                           "align": f"{alignment_score(out_.attention, batch.text_lens, batch.n_groups):.3f}",
-                           **{k: f"{v:.4f}" for k, v in terms.as_floats().items()}}
-                    write_header = not log_path.exists()
-                    with open(log_path, "a", newline="") as f:
-                        writer = csv.DictWriter(f, LOG_FIELDS)
-                        if write_header:
-                            writer.writeheader()
-                        writer.writerow(row)
-                    progress.set_postfix(loss=row["total"], align=row["align"])
+                if log_now and self.rank == 0:
+                    self.log(batch, output, terms, progress)
                 if not torch.isfinite(terms.total):
-                    raise FloatingPointError(f"loss became {float(terms.total)} at step {step}; "
+                    raise FloatingPointError(f"loss became {float(terms.total)} at step {self.step}; "
                                              "lower --lr or resume from the last checkpoint")
-                out_of_time = args.max_minutes and (time.monotonic() - start) / 60 >= args.max_minutes
-                probe_now = args.probe_every and step % args.probe_every == 0
-                if probe_now or time.monotonic() - last_save >= args.checkpoint_minutes * 60:
-                    save()
-                    last_save = time.monotonic()
-                if probe_now and rank == 0:
-                    run_probe(out / "latest", args.probe_manifest, args.probe_limit, out / "probes" / f"step{step}")
-                stop_asked = stop.agreed(world, device)
-                if steps_done >= args.steps or step >= train_cfg.total_steps or out_of_time or stop_asked:
+                out_of_time = args.max_minutes and (time.monotonic() - self.started) / 60 >= args.max_minutes
+                probe_now = args.probe_every and self.step % args.probe_every == 0
+                if probe_now or time.monotonic() - self.last_save >= args.checkpoint_minutes * 60:
+                    self.save()
+                if probe_now:
+                    self.probe()
+                if stop.agreed(self.world, self.device) or out_of_time:  # every rank agrees every step
                     break
-            else:
-                epoch, batch_in_epoch = epoch + 1, 0
-                continue
-            break
-    save()
-    progress.close()
-    if world > 1:
-        dist.barrier()  # wait for rank 0's save: a rank tearing gloo down alone can abort ("terminate called")
-        dist.destroy_process_group()
-    return out / "latest"
+        self.save()
+        progress.close()
+        self._finish_distributed()
+        return self.out / "latest"
+
+    def _next_batch(self) -> list[int]:
+        """Dataset indices of the batch at (epoch, batch_in_epoch), moving to a new epoch after the last one."""
+        if self._epoch_batches is None or self._epoch_batches[0] != self.epoch:
+            self._epoch_batches = (self.epoch, bucket_batches(self.dataset.n_frames, self.cfg.batch_frames,
+                                                              self.cfg.seed, self.epoch, self.rank, self.world))
+        batches = self._epoch_batches[1]
+        if self.batch_in_epoch >= len(batches):
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            return self._next_batch()
+        return batches[self.batch_in_epoch]
+
+    def train_step(self, indices: list[int], with_attention: bool) -> tuple[Batch, MelleOutput, LossTerms]:
+        """One optimizer step on the utterances ``indices``; the output keeps attention maps when asked."""
+        batch = collate([self.dataset[i] for i in indices], self.model.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr_at(self.step)
+        # Attention maps cost a little: compute them for the guided loss or the log only.
+        wants_attention = self.cfg.loss.guided_weight > 0 or with_attention
+        output = self._forward(batch, self.cfg.loss.guided_layers if wants_attention else ())
+        terms = melle_loss(output, batch.mel, batch.n_frames, batch.n_groups, batch.text_lens, self.step, self.cfg.loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + 1
+        return batch, output, terms
+
+    def _forward(self, batch: Batch, attention_layers: tuple[int, ...]) -> MelleOutput:
+        """The model on ``batch`` (bf16 autocast with --precision bf16), its input frames perturbed
+        by scheduled sampling and input noise when those are on."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.precision == "bf16"):
+            frames = (feed_own_predictions(self.model, batch, self.cfg.scheduled_sampling)
+                      if self.cfg.scheduled_sampling > 0 else batch.frames)
+            if self.cfg.input_noise > 0:
+                frames = frames + self.cfg.input_noise * torch.randn_like(frames)
+            return self.ddp_model(batch.text, batch.text_lens, frames, batch.n_groups,
+                                  attention_layers=attention_layers)
+
+    def log(self, batch: Batch, output: MelleOutput, terms: LossTerms, progress: tqdm) -> None:
+        """Append the step just trained to OUT/train_log.csv and show its loss on the progress bar."""
+        row = {"step": self.step, "epoch": self.epoch, "lr": f"{self.cfg.lr_at(self.step):.3g}",
+               "minutes": f"{self.minutes():.2f}",
+               "align": f"{alignment_score(output.attention, batch.text_lens, batch.n_groups):.3f}",
+               **{k: f"{v:.4f}" for k, v in terms.as_floats().items()}}
+        append_log_row(self.out / "train_log.csv", row)
+        progress.set_postfix(loss=row["total"], align=row["align"])
+
+    def save(self) -> None:
+        """Write OUT/latest (rank 0), after checking under DDP that every rank holds the same weights."""
+        if self.world > 1:
+            check_ranks_in_sync(self.model, self.out, self.rank, self.world)
+        if self.rank == 0:
+            save_checkpoint(self.out / "latest", self.model, self.trainer_state())
+        self.last_save = time.monotonic()
+
+    def trainer_state(self) -> dict:
+        """What a resume needs besides the weights (the format of :func:`melle.checkpoint.load_trainer_state`)."""
+        return {"optimizer": self.optimizer.state_dict(), "step": self.step, "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch, "torch_rng": torch.get_rng_state(),
+                "minutes": self.minutes(), "n_utterances": len(self.dataset),
+                "train_config": dataclasses.asdict(self.cfg)}
+
+    def probe(self) -> None:
+        """Score the checkpoint just saved on held-out sentences (rank 0; the other ranks go on)."""
+        if self.rank == 0:
+            run_probe(self.out / "latest", self.args.probe_manifest, self.args.probe_limit,
+                      self.out / "probes" / f"step{self.step}")
+
+    def _finish_distributed(self) -> None:
+        """Leave the process group once rank 0 has saved."""
+        if self.world > 1:
+            dist.barrier()  # a rank tearing gloo down alone can abort ("terminate called")
+            dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Run the training ``args`` describe; the checkpoint it leaves (OUT/latest)."""
+    return Trainer(args).run()
 
 
 def int_list(text: str) -> tuple[int, ...]:

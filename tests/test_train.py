@@ -4,9 +4,10 @@ import contextlib
 import csv
 import json
 import os
-import pickle
+import shutil
 import subprocess
 import signal
+import stat
 import sys
 import time
 from pathlib import Path
@@ -18,9 +19,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from melle.checkpoint import CheckpointError, load_checkpoint, load_trainer_state, save_checkpoint
+from melle.checkpoint import main as checkpoint_main
 from melle.config import preset_config
 from melle.data import bucket_batches, collate
 from melle.decoding import DecodeOptions
+from melle.fileio import current_umask
 from melle.generate import generate
 from melle.init import random_model
 from melle.text import build_tokenizer, tokenizer_from_spec
@@ -80,6 +83,90 @@ def test_resume_continues_where_it_stopped(corpus, tmp_path, capsys):
     state = load_trainer_state(tmp_path / "latest")
     assert state["step"] == 7
     assert set(state["optimizer"]["state"]), "optimizer moments must be saved for resume"
+    for name in ("model.safetensors", "optimizer.safetensors"):  # safetensors alone makes them 0600
+        assert stat.S_IMODE((tmp_path / "latest" / name).stat().st_mode) == 0o666 & ~current_umask(), name
+
+
+# Dropout, input noise and scheduled sampling all draw from the RNG; 2 batches an epoch, so
+# 6 steps cross two epoch ends and a resume at step 3 lands inside an epoch.
+EXACT_RUN = ("--batch-frames", 200, "--warmup-steps", 2, "--input-noise", 0.1, "--scheduled-sampling", 0.5)
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Bit-identical weights, optimizer moments and RNG state, and the same place in the data."""
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        left, right = load_file(a / name), load_file(b / name)
+        assert left.keys() == right.keys(), name
+        differ = [k for k in left if not torch.equal(left[k], right[k])]
+        assert not differ, f"{name}: {len(differ)} tensors differ, e.g. {differ[:3]}"
+    left, right = (json.loads((d / "trainer.json").read_text()) for d in (a, b))
+    assert {**left, "minutes": 0} == {**right, "minutes": 0}
+
+
+def test_resume_is_exact(corpus, tmp_path):
+    train(corpus, tmp_path / "straight", "--steps", 6, *EXACT_RUN)
+    train(corpus, tmp_path / "resumed", "--steps", 3, *EXACT_RUN)
+    assert load_trainer_state(tmp_path / "resumed" / "latest")["batch_in_epoch"] == 1, "resume mid-epoch"
+    train(corpus, tmp_path / "resumed", "--steps", 3, "--resume", *EXACT_RUN)
+    assert_same_run(tmp_path / "straight" / "latest", tmp_path / "resumed" / "latest")
+    without_minutes = [[{**row, "minutes": ""} for row in read_log(tmp_path / run)] for run in ("straight", "resumed")]
+    assert without_minutes[0] == without_minutes[1], "the same losses at every step"
+
+
+def write_legacy_trainer_file(checkpoint: Path) -> None:
+    """Replace the trainer files with the ``trainer.pt`` pickle older versions wrote."""
+    torch.save(load_trainer_state(checkpoint), checkpoint / "trainer.pt")
+    (checkpoint / "trainer.json").unlink()
+    (checkpoint / "optimizer.safetensors").unlink()
+
+
+def test_a_legacy_trainer_pt_converts_and_resumes_alike(corpus, tmp_path, capsys):
+    train(corpus, tmp_path / "straight", "--steps", 6, *EXACT_RUN)
+    train(corpus, tmp_path / "half", "--steps", 3, *EXACT_RUN)
+    write_legacy_trainer_file(tmp_path / "half" / "latest")
+    (tmp_path / "half" / "latest" / "TRAINING.txt").write_text("how it was trained\n")
+    for way in ("converted", "read"):
+        shutil.copytree(tmp_path / "half", tmp_path / way)
+    checkpoint_main(["convert", str(tmp_path / "converted" / "latest")])
+    assert "trainer.pt -> trainer.json + optimizer.safetensors" in capsys.readouterr().out
+    converted = tmp_path / "converted" / "latest"
+    assert sorted(os.listdir(converted)) == ["TRAINING.txt", "config.json", "model.safetensors",
+                                             "optimizer.safetensors", "trainer.json"]
+    assert (converted / "TRAINING.txt").read_text() == "how it was trained\n"
+    for way in ("converted", "read"):  # "read": resumed from trainer.pt itself, saved in the new format
+        train(corpus, tmp_path / way, "--steps", 3, "--resume", *EXACT_RUN)
+        assert not (tmp_path / way / "latest" / "trainer.pt").exists()
+        assert_same_run(tmp_path / "straight" / "latest", tmp_path / way / "latest")
+
+
+class RunsCode:
+    """A pickle payload: unpickling it creates the file ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_trainer_state_is_never_unpickled_and_damage_is_clear(corpus, tmp_path):
+    train(corpus, tmp_path, "--steps", 1, "--batch-frames", 200)
+    checkpoint = tmp_path / "latest"
+    good_json = (checkpoint / "trainer.json").read_text()
+    (checkpoint / "trainer.json").write_text(good_json[:50])
+    with pytest.raises(CheckpointError, match="corrupt.*restart the optimizer"):
+        load_trainer_state(checkpoint)
+    (checkpoint / "trainer.json").write_text(good_json)
+    (checkpoint / "optimizer.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no optimizer.safetensors"):
+        load_trainer_state(checkpoint)
+
+    (checkpoint / "trainer.json").unlink()
+    marker = tmp_path / "code-ran"
+    torch.save({"step": 1, "payload": RunsCode(marker)}, checkpoint / "trainer.pt")
+    with pytest.raises(CheckpointError, match="more than plain data"):
+        load_trainer_state(checkpoint)
+    assert not marker.exists(), "loading a trainer state must never run code from it"
 
 
 def test_bf16_training_keeps_fp32_weights(corpus, tmp_path):
@@ -113,9 +200,10 @@ def test_scheduled_sampling_training_runs_and_is_recorded(corpus, tmp_path, caps
     train(corpus, tmp_path, "--steps", 2, "--batch-frames", 200, "--resume")
     assert "scheduled_sampling 0.5 -> 0.0" in capsys.readouterr().out
     # A run saved before the option existed: switching it on must still be announced.
-    state = load_trainer_state(tmp_path / "latest")
-    del state["train_config"]["scheduled_sampling"]
-    torch.save(state, tmp_path / "latest" / "trainer.pt")
+    trainer_json = tmp_path / "latest" / "trainer.json"
+    saved = json.loads(trainer_json.read_text())
+    del saved["train_config"]["scheduled_sampling"]
+    trainer_json.write_text(json.dumps(saved))
     train(corpus, tmp_path, "--steps", 1, "--batch-frames", 200, "--resume", "--scheduled-sampling", 0.5)
     assert "scheduled_sampling unset -> 0.5" in capsys.readouterr().out
 
@@ -288,7 +376,9 @@ def test_failed_save_keeps_the_good_checkpoint(tmp_path):
     model = random_model("tiny", 0)
     save_checkpoint(target, model)
     before = (target / "model.safetensors").read_bytes()
-    with pytest.raises((AttributeError, TypeError, pickle.PicklingError)):  # fails mid-write
-        save_checkpoint(target, model, trainer_state={"unpicklable": lambda: None})
+    state = {"optimizer": torch.optim.AdamW(model.parameters()).state_dict(), "torch_rng": torch.get_rng_state(),
+             "step": 0, "epoch": 0, "batch_in_epoch": 0, "minutes": 0.0, "train_config": {"bad": lambda: None}}
+    with pytest.raises(TypeError, match="not JSON serializable"):  # fails mid-write
+        save_checkpoint(target, model, trainer_state=state)
     assert (target / "model.safetensors").read_bytes() == before
     load_checkpoint(target)
