@@ -41,10 +41,10 @@ from tqdm import tqdm
 from melle.audio import get_preset, load_wav, mel_spectrogram, save_audio
 from melle.cli import ExitCode, OutputError, UserError, run_cli
 from melle.fileio import write_text_atomic
+from melle_bench.quality_metrics import (Row, build_report, cosine, mean_embedding, render_markdown,
+                                         summarize_prompted, utterance_wer)
 from melle_runtime.manifest import EngineError
 from melle_runtime.synthesizer import BACKENDS, SynthesisOptions, Synthesizer
-from quality_metrics import Row, build_report, cosine, mean_embedding, render_markdown, summarize_prompted, \
-    utterance_wer
 
 WHISPER_RATE = 16000  # Whisper takes 16 kHz audio
 WARMUP_TEXT = "Hello there."  # first runs allocate and plan; not timed

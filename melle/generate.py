@@ -18,11 +18,12 @@ from melle.noise import Noise
 class TorchBackend:
     """``DecoderBackend`` over a ``Melle`` module (eval mode, no grad)."""
 
-    def __init__(self, model: Melle):
+    def __init__(self, model: Melle, vocoder: torch.nn.Module | None = None):
         self.model = model.eval()
         self.cfg = model.cfg
         self.device = next(model.parameters()).device
         self.capacity = model.cfg.max_len  # the position table
+        self.vocoder = vocoder  # a HiFi-GAN generator of the model's mel preset, if vocode() is needed
         self.cache: KVCache | None = None
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
@@ -50,6 +51,46 @@ class TorchBackend:
     @torch.inference_mode()
     def postnet(self, coarse):
         return self.model.refine(self._tensor(coarse)).cpu().numpy()
+
+    @torch.inference_mode()
+    def vocode(self, mel):
+        """Log-mel ``[1, frames, n_mels]`` -> waveform ``[1, samples]``."""
+        if self.vocoder is None:
+            raise ValueError("this TorchBackend was made without a vocoder; pass vocoder=load_hifigan(...)[0]")
+        return self.vocoder(self._tensor(mel).transpose(1, 2))[:, 0].cpu().numpy()
+
+    def close(self) -> None:
+        self.cache = None
+
+
+class NoCacheTorchBackend(TorchBackend):
+    """``DecoderBackend`` that reruns the decoder over the whole prefix every step (no KV cache).
+
+    This is how common open-source VALL-E / MELLE code decodes: the latency benchmark's baseline.
+    The latent head and post-net are ``TorchBackend``'s (caching does not touch them).
+    """
+
+    def __init__(self, model: Melle):
+        super().__init__(model)
+        self.model.requires_grad_(False)  # no autograd graph, as under inference_mode
+        self.sequence: torch.Tensor | None = None  # embedded inputs so far [B, max_len, d_model]
+
+    def start(self, batch: int, max_len: int) -> None:
+        self.sequence = next(self.model.parameters()).new_zeros(batch, max_len, self.cfg.d_model)
+
+    def prefill(self, text, prompt_frames, prompt_masks):
+        x = self.model.embed(self._tensor(text), self._tensor(prompt_frames), self._tensor(prompt_masks))
+        self.sequence[:, : x.shape[1]] = x
+        return self._recompute(x.shape[1])
+
+    def step(self, frames, masks, position):
+        self.sequence[:, position] = self.model.embed_step(self._tensor(frames), self._tensor(masks),
+                                                           torch.tensor([position], device=self.device))[:, 0]
+        return self._recompute(position + 1)
+
+    def _recompute(self, length: int) -> np.ndarray:
+        """Final hidden state of the last input, the decoder run over the first ``length`` inputs."""
+        return self.model.decode(self.sequence[:, :length])[0][:, -1].cpu().numpy()
 
 
 def generate(model: Melle, text_ids: list[int], prompt_mel: np.ndarray | None = None,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,15 +11,6 @@ from melle.checkpoint import save_checkpoint
 from melle.init import random_model
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_benchmark(name: str):
-    """Import ``benchmarks/{name}.py`` (a script directory, not a package) as a module."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
 
 
 # Stop head scaled so its logit swings by ~+-8 per step around a bias of -10: it fires

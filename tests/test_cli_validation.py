@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import ROOT, load_benchmark
+from conftest import ROOT
 from melle.cli import ExitCode, UserError
 from melle.config import preset_config
 
@@ -166,8 +166,9 @@ def test_to_trt_without_tensorrt_checks_the_engine_first_then_says_so(files):
 
 @pytest.fixture(scope="module")
 def quality():
-    load_benchmark("quality_metrics")  # quality.py imports it as a sibling module
-    return load_benchmark("quality")
+    from melle_bench import quality
+
+    return quality
 
 
 def test_reference_voice_default_missing_is_skipped_but_a_named_one_must_exist(quality, files, tmp_path,

@@ -8,9 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, load_benchmark
+from conftest import ROOT
 from melle.decoding import DecodeOptions, decode
-from melle.generate import TorchBackend
+from melle.generate import NoCacheTorchBackend, TorchBackend
+from melle_bench.latency_figures import speedups
 
 BACKENDS = ["torch-nocache", "torch-cache", "ort-cpu", "ort-cpu-int8", "ort-cuda", "trt"]
 RS = [1, 2]
@@ -26,12 +27,6 @@ def run(tmp_path_factory):
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, json.loads((out / "latency.json").read_text())
-
-
-def lookup(report, path):
-    for key in path:
-        report = report[key]
-    return report
 
 
 def test_every_requested_entry_is_there_or_says_why_not(run):
@@ -71,18 +66,40 @@ def test_decodes_make_exactly_the_requested_length(run):
         assert entry["batch"]["1"]["steps"] == 172  # 2 s at r=1
 
 
-def test_ratios_come_from_the_raw_numbers(run):
+def test_speedups_are_slow_over_fast_from_the_raw_timings(run):
     _, report = run
-    pairs = {(s["fast"], s["slow"]) for s in report["speedups"]}
-    assert pairs == {("ort-cpu", "torch-cache"), ("ort-cpu-int8", "ort-cpu"), ("torch-cache", "torch-nocache")}
-    for s in report["speedups"]:
-        assert s["speedup"] == pytest.approx(lookup(report, s["slow_path"]) / lookup(report, s["fast_path"]))
-        if s["metric"].startswith("Table 5"):
-            assert lookup(report, s["fast_path"]) == pytest.approx(np.mean(lookup(report, s["fast_path"][:-1] + ["trials_s"])))
-        else:
-            assert lookup(report, s["fast_path"]) == pytest.approx(np.median(lookup(report, s["fast_path"][:-1] + ["raw_ms"])))
+    entries = report["results"]["tiny"]
+
+    def step_ms(backend):  # position 1000 is not timed here: the largest both timed is 64
+        return np.median(entries[backend]["step"]["prefix"]["64"]["raw_ms"])
+
+    def table5_s(backend, r):
+        return np.mean(entries[backend]["table5"][r]["trials_s"])
+
+    expected = {}
+    for fast, slow in [("ort-cpu", "torch-cache"), ("ort-cpu-int8", "ort-cpu"), ("torch-cache", "torch-nocache")]:
+        expected[fast, slow, "step ms at position 64"] = step_ms(slow) / step_ms(fast)
+        for r in ["2"] if slow == "torch-nocache" else ["1", "2"]:  # 10 s at r=1 is beyond the baseline's cap
+            expected[fast, slow, f"Table 5 s at r={r}"] = table5_s(slow, r) / table5_s(fast, r)
+    found = {(s["fast"], s["slow"], s["metric"]): s["speedup"] for s in report["speedups"]}
+    assert found == pytest.approx(expected)
     growth = {g["backend"]: g for g in report["growth"]}
     assert "read_floor_ms" in growth["ort-cpu"] and "read_floor_ms" not in growth["torch-nocache"]
+
+
+def test_speedups_of_a_hand_made_report():
+    def entry(step_ms, table5_s):
+        return {"step": {"prefix": {p: {"median_ms": ms} for p, ms in step_ms.items()}},
+                "table5": {r: {"mean_s": s} if s else {"skipped": "capped"} for r, s in table5_s.items()}}
+
+    report = {"results": {"paper": {
+        "torch-cache": entry({"100": 40.0, "1000": 50.0, "2000": 60.0}, {"1": 40.0, "2": 20.0}),
+        "ort-cpu": entry({"100": 20.0, "1000": 20.0, "2000": 24.0}, {"1": 10.0, "2": None}),
+        "ort-cpu-int8": {"skipped": "no INT8 step"},
+    }}}
+    found = {(s["fast"], s["slow"], s["metric"]): s["speedup"] for s in speedups(report)}
+    assert found == pytest.approx({("ort-cpu", "torch-cache", "step ms at position 1000"): 2.5,
+                                   ("ort-cpu", "torch-cache", "Table 5 s at r=1"): 4.0})
 
 
 def test_writes_markdown_and_plots(run):
@@ -102,5 +119,5 @@ def test_no_cache_baseline_decodes_like_the_cached_reference(tiny_checkpoint):
     options = DecodeOptions(max_steps=12, stop_enabled=False)
     prompt = np.random.default_rng(0).standard_normal((6, model.cfg.n_mels)).astype(np.float32)
     cached = decode(TorchBackend(model), model.cfg, [3, 4, 5, 6], prompt, options, seed=1)
-    recomputed = decode(load_benchmark("latency").NoCacheTorchBackend(model), model.cfg, [3, 4, 5, 6], prompt, options, seed=1)
+    recomputed = decode(NoCacheTorchBackend(model), model.cfg, [3, 4, 5, 6], prompt, options, seed=1)
     np.testing.assert_allclose(recomputed.mel, cached.mel, atol=1e-4)

@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, load_benchmark
-
-qm = load_benchmark("quality_metrics")
+from conftest import ROOT
+from melle_bench import quality
+from melle_bench import quality_metrics as qm
 
 
 def row(wer, sim=0.9, seconds=1.0, audio_seconds=2.0, **extra):
@@ -159,7 +159,7 @@ def test_markdown_without_prompted_runs_has_no_speaker_table():
 
 
 def test_cli_help_needs_no_whisper_or_speaker_encoder():
-    probe = ("import sys, runpy; sys.argv = ['quality.py', '--help']; sys.path.insert(0, 'benchmarks')\n"
+    probe = ("import sys, runpy; sys.argv = ['quality.py', '--help']\n"
              "try:\n    runpy.run_path('benchmarks/quality.py', run_name='__main__')\n"
              "except SystemExit:\n    pass\n"
              "print(sorted(m for m in ('faster_whisper', 'resemblyzer', 'torch') if m in sys.modules))")
@@ -170,7 +170,6 @@ def test_cli_help_needs_no_whisper_or_speaker_encoder():
 
 
 def test_cli_refuses_fewer_than_one_candidate(capsys):
-    quality = load_benchmark("quality")
     assert quality.parse_args(["--engine", "e", "--sentences", "s", "--candidates", "3"]).candidates == 3
     with pytest.raises(SystemExit):
         quality.parse_args(["--engine", "e", "--sentences", "s", "--candidates", "0"])

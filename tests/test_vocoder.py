@@ -106,3 +106,17 @@ def test_bad_paths_give_clear_errors(universal, tmp_path):
     torch.save({"generator": {"conv_pre.weight": torch.zeros(1)}}, ckpt)
     with pytest.raises(VocoderError, match="does not match"):
         load_hifigan(str(tmp_path))
+
+
+def test_torch_backend_vocodes_like_its_generator(universal):
+    from melle.generate import TorchBackend
+    from melle.init import random_model
+
+    preset = get_preset("hifigan-22k")
+    mel = mel_spectrogram(harmonic_signal(preset.sample_rate), preset)[None]  # [1, frames, n_mels]
+    backend = TorchBackend(random_model("tiny", 0), vocoder=universal[0])
+    with torch.no_grad():
+        expected = universal[0](torch.from_numpy(mel).transpose(1, 2))[:, 0].numpy()
+    np.testing.assert_array_equal(backend.vocode(mel), expected)
+    with pytest.raises(ValueError, match="without a vocoder"):
+        TorchBackend(random_model("tiny", 0)).vocode(mel)
