@@ -4,17 +4,20 @@
 
 Converts both graphs to FP16 with the FP32 islands of the TensorRT build
 (``trt_support.fp32_islands``: LayerNorm, softmax, exp(0.5 * logvar), the stop head),
-runs a long decode on ONNX Runtime CPU with the FP32 graphs and, at every step, feeds
-the FP16 graphs the same inputs: the FP32 trajectory's frames, masks, position and cache
-(teacher forcing, so one step's rounding does not compound into the next). Reports per
-step the relative error ``max|fp16 - fp32| / max|fp32|`` of e and the new K/V (step
-graph), of mu and y' (FP16 step then FP16 latent head), the stop logit's absolute error,
-and whether every FP16 output stayed finite.
+runs a long decode (``melle.decoding.decode``) on ONNX Runtime CPU with the FP32 graphs
+and, at every step, feeds the FP16 graphs the same inputs: the FP32 trajectory's frames,
+masks, position and cache (teacher forcing, so one step's rounding does not compound into
+the next). Reports per step the relative error ``max|fp16 - fp32| / max|fp32|`` of e and
+the new K/V (step graph), of mu and y' (FP16 step then FP16 latent head), the stop logit's
+absolute error, and whether every FP16 output stayed finite.
 What this measures: ORT CPU runs most FP16 nodes (MatMul, Add, Mul, ...) through FP32
-kernels with casts it inserts itself, so every tensor is rounded to FP16 as on the GPU
-and overflows to inf as there, but sums accumulate in FP32 - as TensorRT's FP16 GEMMs
-usually do. Kernels that accumulate in FP16, fusions and tactic choices are TensorRT's
-own and are not modelled: the GPU tests (tests/test_trt.py) measure those.
+kernels with casts it inserts itself, so tensors are rounded to FP16 as on the GPU, but
+sums accumulate in FP32 - as TensorRT's FP16 GEMMs usually do. Overflow is not modelled:
+an all-FP16 latent head with sigma = exp(0.5 * logvar) ~ 1e5 (inf in FP16) stays finite
+here, apparently because ORT casts once around a run of such nodes, so the FP32 islands'
+protection against overflow goes unmeasured. Kernels that accumulate in FP16, fusions and
+tactic choices are TensorRT's own and are not modelled either: the GPU tests
+(tests/test_trt.py) measure those.
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from melle.noise import NoiseSource
-from melle.text import EOS_ID
+from melle.decoding import DecodeOptions, decode
 from melle_export.trt_support import fp32_islands
-from melle_runtime.manifest import read_manifest
+from melle_runtime.manifest import EngineManifest, read_manifest
+from melle_runtime.ort_backend import OrtBackend
 
 FP32_OPS = ["LayerNormalization", "Softmax", "Exp"]  # by type, in addition to the named islands
 RESULTS_DIR = Path("benchmarks/results/fp16_risk")
@@ -92,56 +95,58 @@ def relative_error(approx: np.ndarray, exact: np.ndarray) -> float:
     return float(np.abs(approx - exact).max() / max(float(np.abs(exact).max()), 1e-12))
 
 
+class Fp16Shadow(OrtBackend):
+    """The FP32 ORT backend, with FP16 copies of the step and latent head run beside it.
+
+    The decode follows FP32 (its frames, its cache); the FP16 graphs see exactly the FP32
+    inputs of every step and keep only their own e. ``series`` holds per step the FP16
+    errors and ``finite`` whether every FP16 output stayed finite.
+    """
+
+    def __init__(self, manifest: EngineManifest):
+        super().__init__(manifest)
+        self.step16, self.latent16 = (_session(to_fp16(onnx.load(str(manifest.graph_path(g)))))
+                                      for g in ("decoder_step", "latent_head"))
+        self.series: dict[str, list[float]] = {"e": [], "kv": [], "mu": [], "y": [], "stop_abs": []}
+        self.finite = True
+        self.e16: np.ndarray | None = None
+
+    def prefill(self, text, prompt_frames, prompt_masks):
+        self.e16 = super().prefill(text, prompt_frames, prompt_masks)  # stays FP32: step 0's FP16 head sees it
+        return self.e16
+
+    def latent(self, e, eps):
+        mu32, logvar32, y32, stop32 = super().latent(e, eps)
+        mu16, logvar16, y16, stop16 = self.latent16.run(None, {"e": self.e16, "eps": eps})
+        self.finite &= all(np.isfinite(a).all() for a in (mu16, logvar16, y16, stop16))
+        self.series["mu"].append(relative_error(mu16, mu32))
+        self.series["y"].append(relative_error(y16, y32))
+        self.series["stop_abs"].append(float(np.abs(stop16 - stop32).max()))
+        return mu32, logvar32, y32, stop32
+
+    def step(self, frames, masks, position):
+        e16, *present16 = self.step16.run(self.outputs, self.step_feed(frames, masks, position))
+        e32 = super().step(frames, masks, position)
+        present32 = [buffer[position:position + 1] for buffer in self.cache]  # the slices the step just wrote
+        self.finite &= bool(np.isfinite(e16).all()) and all(np.isfinite(p).all() for p in present16)
+        self.series["e"].append(relative_error(e16, e32))
+        self.series["kv"].append(max(relative_error(a, b) for a, b in zip(present16, present32)))
+        self.e16 = e16
+        return e32
+
+
 def fp16_risk(engine_dir: str | Path, steps: int = 300, seed: int = 0) -> dict:
     """Per-step FP16-vs-FP32 errors of a teacher-forced ``steps``-step decode of ``engine_dir``."""
     manifest = read_manifest(engine_dir)
     cfg = manifest.config
-    step_model, latent_model = (onnx.load(str(manifest.graph_path(g))) for g in ("decoder_step", "latent_head"))
-    prefill32, step32, latent32 = (_session(manifest.graph_path(g)) for g in ("prefill", "decoder_step",
-                                                                            "latent_head"))
-    step16, latent16 = _session(to_fp16(step_model)), _session(to_fp16(latent_model))
-
-    ids = [2 + (7 * i) % (cfg.n_text_vocab - 2) for i in range(20)] + [EOS_ID]
-    text = np.array([ids], np.int64)
-    prefix = text.shape[1]
-    steps = min(steps, manifest.max_len - prefix)
-    source = NoiseSource(cfg, 1, seed=seed)
-    no_prompt = np.zeros((1, 0, cfg.frame_dim), np.float32)
-    e32, *present = prefill32.run(None, {"text": text, "prompt_frames": no_prompt,
-                                         "prompt_masks": source.prompt(0)})
-    cache = [np.zeros((prefix + steps, 1, cfg.n_head, cfg.head_dim), np.float32) for _ in present]
-    for buffer, new in zip(cache, present):
-        buffer[:prefix] = new
-    past_names = [i.name for i in step32.get_inputs()][3:]
-
-    series: dict[str, list[float]] = {"e": [], "kv": [], "mu": [], "y": [], "stop_abs": []}
-    finite = True
-    e16 = e32  # the prefill stays FP32: step 0's latent head sees the FP32 e
-    for t in range(steps):
-        masks, eps = source.step()
-        mu32, _, y32, stop32 = latent32.run(None, {"e": e32, "eps": eps})
-        mu16, logvar16, y16, stop16 = latent16.run(None, {"e": e16, "eps": eps})
-        finite &= all(np.isfinite(a).all() for a in (mu16, logvar16, y16, stop16))
-        series["mu"].append(relative_error(mu16, mu32))
-        series["y"].append(relative_error(y16, y32))
-        series["stop_abs"].append(float(np.abs(stop16 - stop32).max()))
-        if t + 1 == steps:
-            break
-        position = prefix + t
-        feed = {"frames": y32, "prenet_masks": masks, "position": np.array([position], np.int64),
-                **{name: buffer[:position] for name, buffer in zip(past_names, cache)}}
-        e32, *present32 = step32.run(None, feed)
-        e16, *present16 = step16.run(None, feed)
-        finite &= bool(np.isfinite(e16).all()) and all(np.isfinite(p).all() for p in present16)
-        series["e"].append(relative_error(e16, e32))
-        series["kv"].append(max(relative_error(a, b) for a, b in zip(present16, present32)))
-        for buffer, new in zip(cache, present32):
-            buffer[position] = new[0]
-
+    backend = Fp16Shadow(manifest)
+    ids = [2 + (7 * i) % (cfg.n_text_vocab - 2) for i in range(20)]
+    decoded = decode(backend, cfg, ids, None, DecodeOptions(max_steps=steps, stop_enabled=False), seed=seed)
+    series = backend.series
     summary = {name: {"max": max(v), "mean": float(np.mean(v)), "p99": float(np.percentile(v, 99))}
                for name, v in series.items()}
     return {"engine": str(engine_dir), "config": {k: getattr(cfg, k) for k in ("n_layer", "n_head", "d_model", "r")},
-            "steps": steps, "seed": seed, "fp32_ops": FP32_OPS, "all_finite": bool(finite),
+            "steps": decoded.n_groups[0], "seed": seed, "fp32_ops": FP32_OPS, "all_finite": bool(backend.finite),
             "summary": summary, "per_step": series}
 
 

@@ -2,8 +2,7 @@
 
 Each wrapper's ``forward`` is the graph's signature; ``GraphSpec`` names its inputs,
 outputs and symbolic axes and draws example inputs for tracing and parity checks.
-KV tensors are time-major ``[positions, batch, n_head, head_dim]`` and come in pairs:
-``past_key_{i}``/``past_value_{i}`` in, ``present_key_{i}``/``present_value_{i}`` out.
+KV tensors are time-major ``[positions, batch, n_head, head_dim]`` and named by ``melle.kv_names``.
 """
 
 from __future__ import annotations
@@ -16,13 +15,9 @@ import torch
 from torch import nn
 
 from melle.config import MelleConfig
+from melle.kv_names import past_names, present_names
 from melle.model import Melle
 from melle.noise import dropout_masks
-
-
-def kv_names(prefix: str, n_layer: int) -> list[str]:
-    """``{prefix}_key_0, {prefix}_value_0, {prefix}_key_1, ...`` in graph order."""
-    return [f"{prefix}_{kind}_{i}" for i in range(n_layer) for kind in ("key", "value")]
 
 
 class Prefill(nn.Module):
@@ -106,19 +101,19 @@ def model_graphs(model: Melle) -> list[GraphSpec]:
     masks_of = lambda rng, shape: dropout_masks(rng, shape, cfg)  # noqa: E731
     prefill = GraphSpec(
         "prefill", Prefill(model), ["text", "prompt_frames", "prompt_masks"],
-        ["e"] + kv_names("present", cfg.n_layer),
+        ["e"] + present_names(cfg.n_layer),
         {"text": {0: "batch", 1: "text_len"}, "prompt_frames": {0: "batch", 1: "prompt_groups"},
          "prompt_masks": {0: "batch", 1: "prompt_groups"}, "e": batch,
-         **{n: kv_axes_prefix for n in kv_names("present", cfg.n_layer)}},
+         **{n: kv_axes_prefix for n in present_names(cfg.n_layer)}},
         lambda rng: [rng.integers(2, cfg.n_text_vocab, (2, 9)).astype(np.int64),
                      rng.standard_normal((2, 3, cfg.frame_dim)).astype(np.float32), masks_of(rng, (2, 3))],
     )
     step = GraphSpec(
-        "decoder_step", DecoderStep(model), ["frames", "prenet_masks", "position"] + kv_names("past", cfg.n_layer),
-        ["e"] + kv_names("present", cfg.n_layer),
+        "decoder_step", DecoderStep(model), ["frames", "prenet_masks", "position"] + past_names(cfg.n_layer),
+        ["e"] + present_names(cfg.n_layer),
         {"frames": batch, "prenet_masks": batch, "e": batch,
-         **{n: {0: "past_len", 1: "batch"} for n in kv_names("past", cfg.n_layer)},
-         **{n: {1: "batch"} for n in kv_names("present", cfg.n_layer)}},
+         **{n: {0: "past_len", 1: "batch"} for n in past_names(cfg.n_layer)},
+         **{n: {1: "batch"} for n in present_names(cfg.n_layer)}},
         lambda rng: [rng.standard_normal((2, cfg.frame_dim)).astype(np.float32), masks_of(rng, (2,)),
                      np.array([12], np.int64), *_past(cfg, rng, 2, 12)],
     )

@@ -22,13 +22,13 @@ import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
-from melle.audio import get_preset
 from melle.checkpoint import CheckpointError, load_checkpoint
 from melle.cli import ExitCode, run_cli
 from melle.fileio import atomic_dir, check_output_dir
 from melle.vocoder import VocoderError, load_hifigan, mel_preset_of
 from melle_export.graphs import GraphSpec, export_graph, model_graphs, run_torch, vocoder_graph
-from melle_runtime.manifest import engine_entries, sha256_of, write_manifest
+from melle_runtime.manifest import (EngineManifest, GraphEntry, TensorSpec, engine_entries, read_manifest,
+                                    sha256_of, write_manifest)
 
 GRAPH_TOLERANCE = 1e-4  # ORT FP32 vs PyTorch, per graph (DESIGN.md)
 VOCODER_TOLERANCE = 1e-3  # on the waveform
@@ -38,15 +38,11 @@ class ExportError(ValueError):
     """An export that must not proceed, with what is wrong and what to do."""
 
 
-def io_description(model: onnx.ModelProto) -> dict[str, list[dict]]:
+def io_description(model: onnx.ModelProto) -> dict[str, list[TensorSpec]]:
     """Inputs and outputs with symbolic or fixed shapes and element types, for the manifest."""
-    def describe(values):
-        rows = []
-        for v in values:
-            t = v.type.tensor_type
-            shape = [d.dim_param or d.dim_value for d in t.shape.dim]
-            rows.append({"name": v.name, "shape": shape, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name})
-        return rows
+    def describe(values) -> list[TensorSpec]:
+        return [TensorSpec(v.name, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+                           onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name) for v in values]
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
 
 
@@ -59,7 +55,7 @@ def max_abs_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return max(float(np.abs(x - y).max()) if x.size else 0.0 for x, y in zip(a, b))
 
 
-def export_and_check(spec: GraphSpec, directory: Path, opset: int, metadata: dict[str, str]) -> dict:
+def export_and_check(spec: GraphSpec, directory: Path, opset: int, metadata: dict[str, str]) -> GraphEntry:
     """Export one graph, stamp metadata, run the checker and measure parity; returns its manifest entry."""
     path = directory / f"{spec.name}.onnx"
     export_graph(spec, path, opset)
@@ -70,11 +66,10 @@ def export_and_check(spec: GraphSpec, directory: Path, opset: int, metadata: dic
     onnx.checker.check_model(str(path), full_check=True)
     inputs = spec.example(np.random.default_rng(1))
     diff = max_abs_diff(ort_run(path, spec.inputs, inputs), run_torch(spec, inputs))
-    return {"file": path.name, "sha256": sha256_of(path), "opset": opset, **io_description(model),
-            "parity_max_abs_diff": diff}
+    return GraphEntry(path.name, sha256_of(path), opset, **io_description(model), parity_max_abs_diff=diff)
 
 
-def quantize_step(directory: Path, step: GraphSpec) -> dict:
+def quantize_step(directory: Path, step: GraphSpec) -> GraphEntry:
     """Dynamic INT8 (weights only) copy of the decoder step, with its error against FP32."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -83,8 +78,8 @@ def quantize_step(directory: Path, step: GraphSpec) -> dict:
                      per_channel=True)
     inputs = step.example(np.random.default_rng(1))
     diff = max_abs_diff(ort_run(target, step.inputs, inputs)[:1], ort_run(source, step.inputs, inputs)[:1])
-    return {"file": target.name, "sha256": sha256_of(target), "opset": None,
-            **io_description(onnx.load(str(target))), "e_max_abs_diff_vs_fp32": diff}
+    return GraphEntry(target.name, sha256_of(target), None, **io_description(onnx.load(str(target))),
+                      e_max_abs_diff_vs_fp32=diff)
 
 
 def check_vocoder_pairing(vocoder_preset: str, model_preset: str, source: str) -> None:
@@ -123,21 +118,11 @@ def export(ckpt: str | Path, out: str | Path, vocoder: str = "hifigan-universal"
             graphs[spec.name] = export_and_check(spec, tmp, opset, metadata)
         if int8:
             graphs["decoder_step_int8"] = quantize_step(tmp, specs[1])
-        write_manifest(tmp, {
-            "config": cfg.to_dict(),
-            "mel_preset": vars(get_preset(cfg.mel_preset)),
-            "tokenizer": cfg.tokenizer,
-            "vocoder": vocoder,
-            "max_len": max_len,
-            "batch_max": batch_max,
-            "kv_layout": "[positions, batch, n_head, head_dim], time-major, one tensor per layer",
-            "graphs": graphs,
-            "parity": {name: g.get("parity_max_abs_diff", g.get("e_max_abs_diff_vs_fp32")) for name, g in graphs.items()},
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "onnx": onnx.__version__, "onnxruntime": ort.__version__},
-        })
-    failed = {n: g["parity_max_abs_diff"] for n, g in graphs.items()
-              if g.get("parity_max_abs_diff", 0.0) > (VOCODER_TOLERANCE if n == "vocoder" else GRAPH_TOLERANCE)}
+        versions = {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+                    "onnxruntime": ort.__version__}
+        write_manifest(tmp, EngineManifest.for_export(cfg, vocoder, max_len, batch_max, graphs, versions))
+    failed = {n: g.parity_max_abs_diff for n, g in graphs.items() if g.parity_max_abs_diff is not None
+              and g.parity_max_abs_diff > (VOCODER_TOLERANCE if n == "vocoder" else GRAPH_TOLERANCE)}
     if failed:
         print(f"warning: parity above tolerance for {failed}; see {out}/manifest.json", file=sys.stderr)
     return out
@@ -161,8 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch_max < 1:
         p.error(f"--batch-max must be at least 1, got {args.batch_max}")
     out = export(args.ckpt, args.out, args.vocoder, args.opset, args.max_len, args.batch_max, args.int8, args.force)
-    manifest = json.loads((out / "manifest.json").read_text())
-    for name, diff in manifest["parity"].items():
+    for name, diff in read_manifest(out, verify=False).parity.items():
         against = "the FP32 step (e)" if name.endswith("int8") else "PyTorch"
         print(f"{name:18s} max abs diff vs {against}: {diff:.2e}")
     print(f"wrote {out}")

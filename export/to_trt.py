@@ -36,10 +36,11 @@ only, ``--no-fp16``, and says so.)
 
 Profiles. Decoder step: batch 1..B with the past fixed at max_len (min = opt = max),
 the shape the runtime always binds, so one CUDA-graph capture serves every step.
-Prefill: batch 1..B, text 1..max_len tokens and 0 to ``--max-prompt-seconds`` of prompt
-groups (TensorRT reserves activation memory for the largest profile shape, and the
-prefill's attention is quadratic in text + prompt, so prompt length is capped rather than
-allowed the whole cache). Latent head: batch 1..B.
+Prefill: batch 1..B, 0 to ``--max-prompt-seconds`` of prompt groups and text of 1 token up
+to the rest of max_len (TensorRT reserves activation memory for the largest profile shape,
+and the prefill's attention is quadratic in text + prompt, so prompt length is capped rather
+than allowed the whole cache). The prompt gets at most half of max_len, so the largest
+text + prompt the profile admits still fits the position table. Latent head: batch 1..B.
 Post-net and vocoder: batch 1, 1..max_len*r mel frames, tuned for 10 s. The timing cache
 persists across builds (``--timing-cache``) so rebuilding on the same GPU is fast.
 """
@@ -59,9 +60,10 @@ from tqdm import tqdm
 
 from melle.cli import ExitCode, OutputError, run_cli
 from melle.fileio import atomic_path
+from melle.kv_names import past_names
 from melle_export.trt_support import TRT_GRAPHS, TrtCompatibilityError, fp32_islands, require_compatible
-from melle_runtime.manifest import (TIMING_CACHE_FILE, EngineError, Manifest, read_manifest, sha256_of,
-                                    write_manifest)
+from melle_runtime.manifest import (TIMING_CACHE_FILE, EngineError, EngineManifest, TrtBuild, TrtEngine,
+                                    read_manifest, sha256_of, write_manifest)
 from melle_runtime.trt_backend import require_gpu
 
 OPT_TEXT_TOKENS = 128  # profile optimum: a sentence
@@ -73,27 +75,30 @@ METADATA = re.compile(r"\[ONNX Layer: (.*?)(?: \|.*)?\]")
 Shape = tuple[int, ...]
 
 
-def profiles(manifest: Manifest, batch_max: int, max_len: int, max_prompt_seconds: float = MAX_PROMPT_SECONDS
+def profiles(manifest: EngineManifest, batch_max: int, max_len: int, max_prompt_seconds: float = MAX_PROMPT_SECONDS
              ) -> dict[str, dict[str, tuple[Shape, Shape, Shape]]]:
     """Per graph, per input: (min, opt, max) shapes of its one optimisation profile."""
     cfg = manifest.config
-    frames_per_second = manifest.sample_rate / manifest.raw["mel_preset"]["hop_length"]
+    frames_per_second = manifest.mel_preset.sample_rate / manifest.mel_preset.hop_length
     max_frames = max_len * cfg.r
     opt_frames = min(max_frames, round(OPT_AUDIO_SECONDS * frames_per_second))
+    # Text and prompt share the position table: at most half of it for the prompt, the rest for text,
+    # so the largest prefill the profile admits still fits the exported capacity.
+    max_prompt = min(math.ceil(max_prompt_seconds * frames_per_second / cfg.r), max_len // 2)
+    max_text = max_len - max_prompt
     opt_text = min(OPT_TEXT_TOKENS, max_len // 2)
-    max_prompt = min(math.ceil(max_prompt_seconds * frames_per_second / cfg.r), max_len - 1)
     opt_prompt = min(math.ceil(OPT_PROMPT_SECONDS * frames_per_second / cfg.r), max_prompt)
     fd, masks, kv = cfg.frame_dim, (2, cfg.prenet_dim), (cfg.n_head, cfg.head_dim)
 
     def batched(*tail):
         return (1, *tail), (1, *tail), (batch_max, *tail)
 
-    past = {f"past_{kind}_{i}": ((max_len, 1, *kv), (max_len, 1, *kv), (max_len, batch_max, *kv))
-            for i in range(cfg.n_layer) for kind in ("key", "value")}
+    past = {name: ((max_len, 1, *kv), (max_len, 1, *kv), (max_len, batch_max, *kv))
+            for name in past_names(cfg.n_layer)}
     mel = ((1, 1, cfg.n_mels), (1, opt_frames, cfg.n_mels), (1, max_frames, cfg.n_mels))
     return {
         # Zero prompt groups (plain TTS) is an empty tensor, which TensorRT 10 accepts.
-        "prefill": {"text": ((1, 1), (1, opt_text), (batch_max, max_len)),
+        "prefill": {"text": ((1, 1), (1, opt_text), (batch_max, max_text)),
                     "prompt_frames": ((1, 0, fd), (1, opt_prompt, fd), (batch_max, max_prompt, fd)),
                     "prompt_masks": ((1, 0, *masks), (1, opt_prompt, *masks), (batch_max, max_prompt, *masks))},
         "decoder_step": {"frames": batched(fd), "prenet_masks": batched(*masks),
@@ -148,7 +153,9 @@ def build_engine(trt, builder, logger, onnx_path: Path, shapes: dict, fp16: bool
         raise EngineError(f"TensorRT could not parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    config.set_timing_cache(timing_cache, ignore_mismatch=False)
+    if not config.set_timing_cache(timing_cache, ignore_mismatch=False):
+        raise EngineError(f"TensorRT refused the timing cache while building {onnx_path.name}; delete it "
+                          "(or pass another --timing-cache) and build again")
     pinned = 0
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
@@ -179,7 +186,7 @@ def _timing_cache(config, path: Path):
 
 def build(engine_dir: str | Path, fp16: bool = True, batch_max: int | None = None, max_len: int | None = None,
           max_prompt_seconds: float = MAX_PROMPT_SECONDS, timing_cache: str | Path | None = None,
-          workspace_gb: float = 4.0) -> dict:
+          workspace_gb: float = 4.0) -> TrtBuild:
     """Build every engine of ``engine_dir`` and record them in its manifest; returns the ``trt`` entry."""
     trt, _, device = require_gpu()
     if fp16 and not hasattr(trt.BuilderFlag, "FP16"):
@@ -205,17 +212,15 @@ def build(engine_dir: str | Path, fp16: bool = True, batch_max: int | None = Non
         path = directory / f"{name}.plan"
         with atomic_path(path) as tmp:
             tmp.write_bytes(plan)
-        engines[name] = {"file": path.name, "sha256": sha256_of(path), "onnx_sha256": manifest.graphs[name]["sha256"],
-                         "fp32_layers": pinned, "profile": {k: [list(s) for s in v] for k, v in shapes[name].items()}}
+        engines[name] = TrtEngine(path.name, sha256_of(path), manifest.graphs[name].sha256, pinned,
+                                  {k: [list(s) for s in v] for k, v in shapes[name].items()})
     with atomic_path(cache_path) as tmp:
         tmp.write_bytes(bytes(cache.serialize()))
 
-    entry = {"tensorrt": trt.__version__, **device, "fp16": fp16,
-             "flags": ["FP16", "OBEY_PRECISION_CONSTRAINTS"] if fp16 else [],
-             "batch_max": batch_max, "max_len": max_len, "max_prompt_seconds": max_prompt_seconds,
-             "workspace_gb": workspace_gb,
-             "built": datetime.now(timezone.utc).isoformat(timespec="seconds"), "engines": engines}
-    write_manifest(directory, {**manifest.raw, "trt": entry})
+    entry = TrtBuild(trt.__version__, device["gpu"], device["compute_capability"], fp16,
+                     ["FP16", "OBEY_PRECISION_CONSTRAINTS"] if fp16 else [], batch_max, max_len, max_prompt_seconds,
+                     workspace_gb, datetime.now(timezone.utc).isoformat(timespec="seconds"), engines)
+    write_manifest(directory, manifest.with_trt(entry))
     return entry
 
 
@@ -269,8 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     # build() checks for TensorRT and a GPU before anything else: a missing one is one EngineError.
     entry = build(args.engine, args.fp16, args.batch_max, args.max_len, args.max_prompt_seconds,
                   args.timing_cache, args.workspace_gb)
-    print(f"built {len(entry['engines'])} engines for {entry['gpu']} (compute capability "
-          f"{entry['compute_capability']}) with TensorRT {entry['tensorrt']} in {args.engine}")
+    print(f"built {len(entry.engines)} engines for {entry.gpu} (compute capability {entry.compute_capability}) "
+          f"with TensorRT {entry.tensorrt} in {args.engine}")
 
 
 def cli() -> None:

@@ -31,7 +31,6 @@ import onnx
 
 SUPPORT_FILE = Path(__file__).with_name("data") / "trt_onnx_ops.json"
 TRT_GRAPHS = ("prefill", "decoder_step", "latent_head", "postnet", "vocoder")
-STEP_GRAPH = "decoder_step"
 
 # TensorRT 10 takes INT64 I/O natively (the table lists INT64 for the ops these feed).
 # Casting to int32 would need a second graph signature for ORT and the reference.

@@ -27,8 +27,7 @@ from melle.checkpoint import CheckpointError, load_checkpoint
 from melle.cli import ExitCode, UserError, run_cli
 from melle.decoding import DecodeOptions, decode
 from melle.generate import TorchBackend, generate
-from melle.noise import NoiseSource
-from melle.text import EOS_ID
+from melle.kv_names import is_past
 from melle.vocoder import load_hifigan
 from melle_export.fp16_check import relative_error
 from melle_export.graphs import model_graphs, run_torch, vocoder_graph
@@ -57,7 +56,7 @@ def engine_specs(manifest, model) -> dict:
     """Graph specs by name for every graph in the engine (the vocoder when it has one)."""
     specs = {s.name: s for s in model_graphs(model)}
     if manifest.has_vocoder:
-        specs["vocoder"] = vocoder_graph(load_hifigan(manifest.raw["vocoder"])[0], model.cfg.n_mels)
+        specs["vocoder"] = vocoder_graph(load_hifigan(manifest.vocoder)[0], model.cfg.n_mels)
     return specs
 
 
@@ -97,30 +96,60 @@ def trajectory_check(backend: OrtBackend, model, seed: int, options: DecodeOptio
                  f"groups ORT {ours.n_groups[0]} / PyTorch {reference.n_groups[0]}")
 
 
+class Lockstep:
+    """``DecoderBackend`` that follows ``reference`` and runs ``candidate`` beside it on the same inputs.
+
+    The candidate keeps its own cache and e but is fed the reference's frames at every step
+    (teacher forcing), so one step's error does not compound into the next. ``errors`` holds
+    per step the relative errors of the candidate's e, mu and y' against the reference's.
+    """
+
+    def __init__(self, reference, candidate):
+        self.reference, self.candidate = reference, candidate
+        self.capacity = min(reference.capacity, candidate.capacity)
+        self.errors: dict[str, list[float]] = {"e": [], "mu": [], "y": []}
+        self.e_candidate: np.ndarray | None = None
+
+    def start(self, batch, max_len):
+        self.reference.start(batch, max_len)
+        self.candidate.start(batch, max_len)
+
+    def prefill(self, text, prompt_frames, prompt_masks):
+        e = self.reference.prefill(text, prompt_frames, prompt_masks)
+        self.e_candidate = self.candidate.prefill(text, prompt_frames, prompt_masks)
+        return e
+
+    def step(self, frames, masks, position):
+        e = self.reference.step(frames, masks, position)
+        self.e_candidate = self.candidate.step(frames, masks, position)
+        return e
+
+    def latent(self, e, eps):
+        mu, logvar, y, stop = self.reference.latent(e, eps)
+        mu_cand, _, y_cand, _ = self.candidate.latent(self.e_candidate, eps)
+        for name, ours, theirs in (("e", self.e_candidate, e), ("mu", mu_cand, mu), ("y", y_cand, y)):
+            self.errors[name].append(relative_error(ours, theirs))
+        return mu, logvar, y, stop
+
+    def postnet(self, coarse):
+        return self.reference.postnet(coarse)
+
+    def vocode(self, mel):
+        return self.reference.vocode(mel)
+
+    def close(self) -> None:
+        """Nothing: both backends belong to the caller."""
+
+
 def teacher_forced(reference, candidate, cfg, ids: list[int], steps: int, seed: int = 0) -> dict[str, list[float]]:
     """Per-step relative errors (e, mu, y') of ``candidate`` against ``reference`` backends.
 
-    Both get the same text and noise and, at every step, the frames the reference made,
-    so one step's error does not compound into the next.
+    Both get the same text and noise and, at every step, the frames the reference made
+    (``Lockstep``), for ``steps`` steps of the shared decode loop.
     """
-    tokens = np.array([list(ids) + [EOS_ID]], np.int64)
-    prefix = tokens.shape[1]
-    source = NoiseSource(cfg, 1, seed=seed)
-    no_prompt, masks = np.zeros((1, 0, cfg.frame_dim), np.float32), source.prompt(0)
-    for backend in (reference, candidate):
-        backend.start(1, prefix + steps)
-    e_ref, e_cand = (b.prefill(tokens, no_prompt, masks) for b in (reference, candidate))
-    errors: dict[str, list[float]] = {"e": [], "mu": [], "y": []}
-    for t in range(steps):
-        masks, eps = source.step()
-        mu_ref, _, y_ref, _ = reference.latent(e_ref, eps)
-        mu_cand, _, y_cand, _ = candidate.latent(e_cand, eps)
-        for name, ours, theirs in (("e", e_cand, e_ref), ("mu", mu_cand, mu_ref), ("y", y_cand, y_ref)):
-            errors[name].append(relative_error(ours, theirs))
-        if t + 1 < steps:
-            e_ref = reference.step(y_ref, masks, prefix + t)
-            e_cand = candidate.step(y_ref, masks, prefix + t)
-    return errors
+    lockstep = Lockstep(reference, candidate)
+    decode(lockstep, cfg, ids, None, DecodeOptions(max_steps=steps, stop_enabled=False), seed=seed)
+    return lockstep.errors
 
 
 def trt_graph_checks(manifest, specs: dict, rng) -> list[Check]:
@@ -129,14 +158,14 @@ def trt_graph_checks(manifest, specs: dict, rng) -> list[Check]:
     from polygraphy.backend.trt import EngineFromPath, TrtRunner
     from polygraphy.comparator import Comparator
 
-    entry = manifest.raw["trt"]
+    entry = manifest.trt
     checks = []
-    for name, engine in entry["engines"].items():
+    for name, engine in entry.engines.items():
         feed = dict(zip(specs[name].inputs, specs[name].example(rng)))
         if name == "decoder_step":  # the engine takes the whole fixed-capacity cache
-            shape = (entry["max_len"], *feed["past_key_0"].shape[1:])
-            feed.update((k, rng.standard_normal(shape).astype(np.float32)) for k in feed if k.startswith("past_"))
-        runners = [TrtRunner(EngineFromPath(str(manifest.directory / engine["file"]))),
+            feed |= {k: rng.standard_normal((entry.max_len, *v.shape[1:])).astype(np.float32)
+                     for k, v in feed.items() if is_past(k)}
+        runners = [TrtRunner(EngineFromPath(str(manifest.directory / engine.file))),
                    OnnxrtRunner(SessionFromOnnx(str(manifest.graph_path(name)), providers=["cpu"]))]
         (_, [ours]), (_, [reference]) = Comparator.run(runners, data_loader=[feed])
         worst = max(relative_error(ours[k], reference[k]) for k in specs[name].outputs)

@@ -39,6 +39,12 @@ class DecoderBackend(Protocol):
     def postnet(self, coarse: np.ndarray) -> np.ndarray:
         """y' [1, frames, n_mels] -> y'' [1, frames, n_mels]."""
 
+    def vocode(self, mel: np.ndarray) -> np.ndarray:
+        """mel [B, frames, n_mels] -> waveform [B, samples] with the vocoder paired with the model."""
+
+    def close(self) -> None:
+        """Release what the backend holds (sessions, device memory); it is not used afterwards."""
+
 
 @dataclass(frozen=True)
 class DecodeOptions:

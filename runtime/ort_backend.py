@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from melle_runtime.manifest import EngineError, Manifest
+from melle.kv_names import is_past, present_of
+from melle_runtime.manifest import EngineError, EngineManifest
 
 KV_MODES = ("prefix", "full")
 
@@ -23,7 +24,9 @@ def available_providers(device: str) -> list[str]:
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise EngineError("backend ort-cuda needs onnxruntime-gpu and an NVIDIA GPU; this onnxruntime offers "
-                          f"{ort.get_available_providers()} (pip install 'melle-rt[gpu]', or use ort-cpu)")
+                          f"{ort.get_available_providers()} (pip install 'melle-rt[gpu]'; if onnxruntime is installed "
+                          "too, pip uninstall onnxruntime and reinstall onnxruntime-gpu: they share a module; "
+                          "or use ort-cpu)")
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
@@ -39,23 +42,26 @@ def make_session(path, providers: list[str], threads: int | None = None) -> ort.
 
 
 class OrtBackend:
-    """Drives prefill / decoder_step / latent_head / postnet sessions with a preallocated cache."""
+    """Drives prefill / decoder_step / latent_head / postnet (and vocoder) sessions with a preallocated cache."""
 
-    def __init__(self, manifest: Manifest, device: str = "cpu", int8: bool = False, kv_mode: str = "prefix",
+    def __init__(self, manifest: EngineManifest, device: str = "cpu", int8: bool = False, kv_mode: str = "prefix",
                  threads: int | None = None):
         if kv_mode not in KV_MODES:
             raise ValueError(f"kv_mode must be one of {KV_MODES}, got {kv_mode!r}")
-        providers = available_providers(device)
+        self.providers, self.threads = available_providers(device), threads
+        self.manifest = manifest
         self.cfg = manifest.config
         self.capacity = manifest.max_len
         self.kv_mode = kv_mode
         step_graph = "decoder_step_int8" if int8 else "decoder_step"
-        self.sessions = {name: make_session(manifest.graph_path(graph), providers, threads)
+        self.sessions = {name: make_session(manifest.graph_path(graph), self.providers, threads)
                          for name, graph in [("prefill", "prefill"), ("step", step_graph),
                                              ("latent", "latent_head"), ("postnet", "postnet")]}
-        n = self.cfg.n_layer
-        self.past_names = [f"past_{kind}_{i}" for i in range(n) for kind in ("key", "value")]
-        self.cache: list[np.ndarray] = []  # key_0, value_0, key_1, ... like the graph inputs
+        self.vocoder: ort.InferenceSession | None = None  # made on first use: not every caller vocodes
+        # The cache follows the step graph's own signature; outputs are asked for by name, in its order.
+        self.past_names = [i.name for i in self.sessions["step"].get_inputs() if is_past(i.name)]
+        self.outputs = ["e", *map(present_of, self.past_names)]  # of the prefill and the step
+        self.cache: list[np.ndarray] = []  # one buffer per name in past_names
 
     def start(self, batch: int, max_len: int) -> None:
         if max_len > self.capacity:
@@ -64,20 +70,24 @@ class OrtBackend:
         length = self.capacity if self.kv_mode == "full" else max_len
         if not self.cache or self.cache[0].shape[1] != batch or self.cache[0].shape[0] < length:
             shape = (length, batch, self.cfg.n_head, self.cfg.head_dim)
-            self.cache = [np.zeros(shape, np.float32) for _ in range(2 * self.cfg.n_layer)]
+            self.cache = [np.zeros(shape, np.float32) for _ in self.past_names]
 
     def prefill(self, text, prompt_frames, prompt_masks):
         e, *present = self.sessions["prefill"].run(
-            None, {"text": text, "prompt_frames": prompt_frames, "prompt_masks": prompt_masks})
+            self.outputs, {"text": text, "prompt_frames": prompt_frames, "prompt_masks": prompt_masks})
         for buffer, new in zip(self.cache, present):
             buffer[: new.shape[0]] = new
         return e
 
-    def step(self, frames, masks, position):
+    def step_feed(self, frames, masks, position) -> dict[str, np.ndarray]:
+        """The step graph's inputs at ``position``: the cache as views, not copies."""
         visible = self.cache[0].shape[0] if self.kv_mode == "full" else position
         feed = {"frames": frames, "prenet_masks": masks, "position": np.array([position], np.int64)}
         feed.update((name, buffer[:visible]) for name, buffer in zip(self.past_names, self.cache))
-        e, *present = self.sessions["step"].run(None, feed)
+        return feed
+
+    def step(self, frames, masks, position):
+        e, *present = self.sessions["step"].run(self.outputs, self.step_feed(frames, masks, position))
         for buffer, new in zip(self.cache, present):
             buffer[position] = new[0]
         return e
@@ -88,3 +98,12 @@ class OrtBackend:
 
     def postnet(self, coarse):
         return self.sessions["postnet"].run(None, {"coarse": coarse})[0]
+
+    def vocode(self, mel):
+        if self.vocoder is None:
+            self.vocoder = make_session(self.manifest.graph_path("vocoder"), self.providers, self.threads)
+        return self.vocoder.run(None, {"mel": mel})[0]
+
+    def close(self) -> None:
+        """Release the sessions and the cache (ORT frees them with the last reference)."""
+        self.sessions, self.vocoder, self.cache = {}, None, []

@@ -161,8 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.mel_png:
         check_output_file(args.mel_png, args.overwrite, "--mel-png")
     jobs = plan_jobs(args)
-    synth = Synthesizer(args.engine, backend=args.backend, threads=args.threads)
     options = SynthesisOptions(candidates=args.candidates, max_seconds=args.max_seconds, strict=args.strict)
+    with Synthesizer(args.engine, backend=args.backend, threads=args.threads) as synth:
+        speak_all(synth, jobs, args, options)
+    return 0
+
+
+def speak_all(synth: Synthesizer, jobs: list[Job], args: argparse.Namespace, options: SynthesisOptions) -> None:
+    """Speak every job into its file, reporting each and (for several) a summary."""
     total_audio, start = 0.0, time.perf_counter()
     for i, job in enumerate(tqdm(jobs, disable=len(jobs) == 1, desc="lines", unit="line")):
         with PieceProgress(enabled=len(jobs) == 1) as progress:
@@ -180,7 +186,6 @@ def main(argv: list[str] | None = None) -> int:
                    f"(RTF {elapsed / seconds:.3f}, {len(speech.pieces)} piece{'s' * (len(speech.pieces) > 1)})")
     if len(jobs) > 1:
         print(f"wrote {len(jobs)} files, {total_audio:.1f} s of audio in {time.perf_counter() - start:.1f} s")
-    return 0
 
 
 def cli() -> None:

@@ -1,7 +1,7 @@
 """The Python API: ``Synthesizer(engine_dir).synthesize(text) -> (waveform, sample_rate)``.
 
 Text -> tokens (melle.text), optional prompt wav -> mel (melle.audio, numpy), the shared
-decode loop (melle.decoding) over a runtime backend, then the vocoder graph.
+decode loop (melle.decoding) over a runtime backend, then the backend's vocoder.
 Imports no torch.
 """
 
@@ -14,12 +14,12 @@ from typing import Callable
 
 import numpy as np
 
-from melle.audio import get_preset, load_wav, mel_spectrogram
+from melle.audio import load_wav, mel_spectrogram
 from melle.decoding import Decoded, DecodeOptions, decode
 from melle.text import (EmptyTextError, UnknownSymbolError, describe_symbols, normalize_text,
                         prompt_transcript_mismatch, tokenizer_from_spec, unspeakable_characters)
 from melle_runtime.manifest import EngineError, read_manifest
-from melle_runtime.ort_backend import OrtBackend, available_providers, make_session
+from melle_runtime.ort_backend import OrtBackend
 from melle_runtime.text_pieces import Piece, split_pieces
 
 BACKENDS = ("ort-cpu", "ort-cpu-int8", "ort-cuda", "trt")
@@ -76,18 +76,26 @@ def make_backend(manifest, backend: str, threads: int | None = None):
 
 
 class Synthesizer:
-    """Speech from an engine directory on ONNX Runtime (CPU/CUDA) or TensorRT."""
+    """Speech from an engine directory on ONNX Runtime (CPU/CUDA) or TensorRT.
+
+    ``close()`` (or a ``with`` block) releases the backend: sessions, or TensorRT's device memory.
+    """
 
     def __init__(self, engine_dir, backend: str = "ort-cpu", threads: int | None = None):
         self.manifest = read_manifest(engine_dir)
         self.cfg = self.manifest.config
-        self.preset = get_preset(self.cfg.mel_preset)
-        self.tokenizer = tokenizer_from_spec(self.cfg.tokenizer)
+        self.preset = self.manifest.mel_preset
+        self.tokenizer = tokenizer_from_spec(self.manifest.tokenizer)
         self.backend = make_backend(self.manifest, backend, threads)
-        self.vocoder = None
-        if self.manifest.has_vocoder and backend != "trt":  # the TensorRT backend has its own vocoder engine
-            device = "cuda" if backend == "ort-cuda" else "cpu"
-            self.vocoder = make_session(self.manifest.graph_path("vocoder"), available_providers(device), threads)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Synthesizer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def sample_rate(self) -> int:
@@ -115,10 +123,7 @@ class Synthesizer:
         """Waveform ``[samples]`` float32 from a log-mel ``[frames, n_mels]``."""
         if not self.manifest.has_vocoder:
             raise EngineError(f"{self.manifest.directory} was exported without a vocoder (--vocoder none)")
-        mel = mel[None].astype(np.float32)
-        if self.vocoder is None:
-            return self.backend.vocode(mel)[0]
-        return self.vocoder.run(None, {"mel": mel})[0][0]
+        return self.backend.vocode(mel[None].astype(np.float32))[0]
 
     def piece_budget(self, prompt_positions: int = 0) -> int:
         """Most text tokens one piece may hold so that it and its speech fit the engine's capacity."""

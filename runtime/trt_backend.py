@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from melle_runtime.manifest import EngineError, Manifest, sha256_of
+from melle.kv_names import is_past, present_of
+from melle_runtime.manifest import EngineError, EngineManifest, TrtBuild, sha256_of
 
 ALIGN = 256  # bytes; TensorRT I/O addresses must be aligned, 256 suits every tensor type
 REBUILD = "rebuild them on this machine with `python export/to_trt.py {directory}`"
@@ -68,27 +69,27 @@ def require_gpu():
     return trt, cudart, device
 
 
-def check_build(manifest: Manifest, tensorrt_version: str, device: dict) -> dict:
+def check_build(manifest: EngineManifest, tensorrt_version: str, device: dict) -> TrtBuild:
     """The manifest's ``trt`` entry, once it matches this GPU and TensorRT and its files are intact."""
     directory = manifest.directory
     rebuild = REBUILD.format(directory=directory)
-    entry = manifest.raw.get("trt")
-    if not entry:
+    entry = manifest.trt
+    if entry is None:
         raise EngineError(f"{directory} has no TensorRT engines: {rebuild}")
-    built = (entry["gpu"], entry["compute_capability"], entry["tensorrt"])
+    built = (entry.gpu, entry.compute_capability, entry.tensorrt)
     here = (device["gpu"], device["compute_capability"], tensorrt_version)
     if built != here:
         raise EngineError(f"the TensorRT engines in {directory} were built for {built[0]} (compute capability "
                           f"{built[1]}) with TensorRT {built[2]}; this machine has {here[0]} (compute capability "
                           f"{here[1]}) with TensorRT {here[2]}: {rebuild}")
-    missing = [name for name in ENGINES if name not in entry["engines"]]
+    missing = [name for name in ENGINES if name not in entry.engines]
     if missing:
         raise EngineError(f"{directory} has no TensorRT engine for {missing}: {rebuild}")
-    for name, engine in entry["engines"].items():
-        plan = directory / engine["file"]
-        if not plan.exists() or sha256_of(plan) != engine["sha256"]:
+    for name, engine in entry.engines.items():
+        plan = directory / engine.file
+        if not plan.exists() or sha256_of(plan) != engine.sha256:
             raise EngineError(f"{plan} is missing or does not match its sha256: {rebuild}")
-        if name not in manifest.graphs or manifest.graphs[name]["sha256"] != engine["onnx_sha256"]:
+        if name not in manifest.graphs or manifest.graphs[name].sha256 != engine.onnx_sha256:
             raise EngineError(f"{plan} was built from another export of {name}.onnx: {rebuild}")
     return entry
 
@@ -177,7 +178,6 @@ class _Engine:
     """One deserialised engine with its execution context."""
 
     def __init__(self, trt, runtime, path: Path):
-        self.trt = trt
         self.name = path.stem
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
@@ -206,7 +206,9 @@ class _Engine:
             raise EngineError(f"{self.name}: no address for {sorted(missing)}")
         self.set_shapes(shapes)
         for name, ptr in addresses.items():
-            self.context.set_tensor_address(name, ptr)
+            if not self.context.set_tensor_address(name, ptr):
+                raise EngineError(f"{self.name}: TensorRT refused the device address of {name} (not an I/O "
+                                  "tensor of this engine, or misaligned); rebuild it with export/to_trt.py")
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.context.get_tensor_shape(name))
@@ -222,11 +224,11 @@ class TrtBackend:
     ``cuda_graph=False`` enqueues the step engine directly every step (for comparison).
     """
 
-    def __init__(self, manifest: Manifest, cuda_graph: bool = True):
+    def __init__(self, manifest: EngineManifest, cuda_graph: bool = True):
         trt, cudart, device = require_gpu()
         entry = check_build(manifest, trt.__version__, device)
         self.cfg = manifest.config
-        self.capacity, self.batch_max = int(entry["max_len"]), int(entry["batch_max"])
+        self.capacity, self.batch_max = entry.max_len, entry.batch_max
         self.use_graph = cuda_graph
         if (4 * self.cfg.d_model) % ALIGN:
             raise EngineError(f"d_model {self.cfg.d_model} is not a multiple of {ALIGN // 4}: the cache's "
@@ -235,10 +237,11 @@ class TrtBackend:
         # The logger and runtime must outlive the engines deserialised from them.
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        self.engines = {name: _Engine(trt, self.runtime, manifest.directory / e["file"])
-                        for name, e in entry["engines"].items()}
+        self.engines = {name: _Engine(trt, self.runtime, manifest.directory / e.file)
+                        for name, e in entry.engines.items()}
         cfg, b = self.cfg, self.batch_max
-        self.past_names = [f"past_{kind}_{i}" for i in range(cfg.n_layer) for kind in ("key", "value")]
+        # The cache holds one layer per cache input of the step engine, in its order.
+        self.past_names = [name for name in self.engines["decoder_step"].inputs if is_past(name)]
         self.step_io = _Block(self.cuda, {"position": 8, "frames": 4 * b * cfg.frame_dim,
                                           "prenet_masks": 4 * b * 2 * cfg.prenet_dim})
         self.latent_io = _Block(self.cuda, {"e": 4 * b * cfg.d_model, "eps": 4 * b * cfg.frame_dim,
@@ -294,7 +297,7 @@ class TrtBackend:
         addresses["e"] = self.latent_io.ptr("e")
         for i, name in enumerate(self.past_names):
             addresses[name] = self._layer(i)
-            addresses[name.replace("past", "present")] = self.scratch + i * self._slice_bytes(batch)
+            addresses[present_of(name)] = self.scratch + i * self._slice_bytes(batch)
         self.engines["decoder_step"].bind(shapes, addresses)
 
     def prefill(self, text, prompt_frames, prompt_masks):
@@ -308,7 +311,7 @@ class TrtBackend:
         block.upload(arrays)
         addresses = {name: block.ptr(name) for name in arrays}
         addresses["e"] = self.latent_io.ptr("e")
-        addresses.update((name.replace("past", "present"), self._layer(i)) for i, name in enumerate(self.past_names))
+        addresses.update((present_of(name), self._layer(i)) for i, name in enumerate(self.past_names))
         engine = self.engines["prefill"]
         engine.bind({k: a.shape for k, a in arrays.items()}, addresses)
         engine.enqueue(self.cuda.stream)
@@ -394,12 +397,15 @@ class TrtBackend:
             self.kv, self.batch = None, 0
 
     def close(self) -> None:
-        """Free every device and pinned buffer and the stream."""
+        """Free every device and pinned buffer and the stream; closing again does nothing."""
+        if self.scratch is None:
+            return
         self._release_cache()
         for block in [self.step_io, self.latent_io, *self.blocks.values()]:
             block.free()
         self.blocks = {}
         self.cuda(self.cuda.rt.cudaFree(self.scratch))
+        self.scratch = None
         self.cuda(self.cuda.rt.cudaStreamDestroy(self.cuda.stream))
 
     def __enter__(self) -> "TrtBackend":

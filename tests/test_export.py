@@ -7,12 +7,14 @@ import numpy as np
 import onnx
 import pytest
 
+from melle.audio import get_preset
 from melle.checkpoint import load_checkpoint
 from melle.decoding import DecodeOptions, decode
 from melle.generate import generate
+from melle_export.fp16_check import relative_error
 from melle_export.graphs import model_graphs, run_torch
 from melle_export.to_onnx import ExportError, export, ort_run
-from melle_runtime.manifest import EngineError, read_manifest
+from melle_runtime.manifest import EngineError, engine_entries, read_manifest
 from melle_runtime.ort_backend import OrtBackend
 
 GRAPH_TOL, TRAJECTORY_TOL = 1e-4, 1e-3
@@ -25,7 +27,7 @@ def test_each_graph_matches_pytorch(r, tiny_checkpoint, tiny_engine):
     specs = {s.name: s for s in model_graphs(load_checkpoint(tiny_checkpoint(r)))}
     rng = np.random.default_rng(123)  # inputs the exporter did not see
     for name, spec in specs.items():
-        assert manifest.raw["parity"][name] < GRAPH_TOL
+        assert manifest.parity[name] < GRAPH_TOL
         inputs = spec.example(rng)
         ours = ort_run(manifest.graph_path(name), spec.inputs, inputs)
         for a, b in zip(ours, run_torch(spec, inputs)):
@@ -40,7 +42,7 @@ def test_prefill_without_prompt_and_symbolic_axes(tiny_checkpoint, tiny_engine):
     inputs = [text[:1, :4], frames[:1, :0], masks[:1, :0]]  # batch 1, 4 tokens, no prompt
     for a, b in zip(ort_run(manifest.graph_path("prefill"), spec.inputs, inputs), run_torch(spec, inputs)):
         np.testing.assert_allclose(a, b, atol=GRAPH_TOL, rtol=0)
-    shapes = {io["name"]: io["shape"] for io in manifest.graphs["decoder_step"]["inputs"]}
+    shapes = {io.name: io.shape for io in manifest.graphs["decoder_step"].inputs}
     assert shapes["past_key_0"][:2] == ["past_len", "batch"]
     assert shapes["frames"] == ["batch", manifest.config.frame_dim]
 
@@ -82,14 +84,21 @@ def test_prefix_and_full_buffer_kv_modes_agree(tiny_engine):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
-def test_int8_step_is_close_but_not_identical(tiny_engine):
+# Measured on the tiny r=1 test model and three other random tiny models (noise seeds 0-2): the INT8
+# step's e is 0.013-0.016 (max abs) from the FP32 step's, and a 20-step free-running INT8 decode's mel
+# 0.24-0.41% (relative_error) from the FP32 decode's. The bounds leave 3x and 5x margin; the floors
+# prove the step was quantised at all.
+INT8_E_MAX_ABS, INT8_MEL_RELATIVE, QUANTISED = 0.05, 0.02, 1e-4
+
+
+def test_int8_step_tracks_fp32(tiny_engine):
     manifest = read_manifest(tiny_engine(1))
-    error = manifest.raw["parity"]["decoder_step_int8"]
-    assert 0 < error < 0.5  # quantised for real, and still the same model
+    assert QUANTISED < manifest.parity["decoder_step_int8"] < INT8_E_MAX_ABS
     options = DecodeOptions(max_steps=20, stop_enabled=False)
     int8 = decode(OrtBackend(manifest, int8=True), manifest.config, [4, 5], None, options, seed=0)
     fp32 = decode(OrtBackend(manifest), manifest.config, [4, 5], None, options, seed=0)
-    assert int8.mel.shape == fp32.mel.shape and np.isfinite(int8.mel).all()
+    assert int8.mel.shape == fp32.mel.shape
+    assert QUANTISED < relative_error(int8.mel, fp32.mel) < INT8_MEL_RELATIVE
 
 
 def test_vocoder_graph_matches_pytorch_hifigan(voiced_engine):
@@ -98,7 +107,7 @@ def test_vocoder_graph_matches_pytorch_hifigan(voiced_engine):
     from melle.vocoder import load_hifigan
 
     manifest = read_manifest(voiced_engine)
-    assert manifest.raw["parity"]["vocoder"] < 1e-3
+    assert manifest.parity["vocoder"] < 1e-3
     mel = (np.random.default_rng(9).standard_normal((1, 40, 80)) - 5).astype(np.float32)
     generator, _ = load_hifigan("hifigan-universal")
     with torch.no_grad():
@@ -117,6 +126,15 @@ def test_vocoder_of_another_preset_is_refused(tiny_checkpoint, tmp_path):
     with pytest.raises(ExportError, match="mel preset"):
         export(ckpt, tmp_path / "engine", vocoder="hifigan-universal")
     assert not (tmp_path / "engine").exists(), "a failed export must leave nothing behind"
+
+
+def test_manifest_round_trips_and_lists_its_files(tiny_engine):
+    engine = tiny_engine(1)
+    written = json.loads((engine / "manifest.json").read_text())
+    manifest = read_manifest(engine)
+    assert manifest.to_dict() == written  # format 1 as the exporter writes it, key for key
+    assert manifest.mel_preset == get_preset(manifest.config.mel_preset)
+    assert {"manifest.json", "prefill.onnx", "decoder_step_int8.onnx"} <= engine_entries(engine)
 
 
 def test_tampered_or_missing_engine_is_a_clear_error(tiny_engine, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from melle_runtime.text_pieces import PAUSE_AFTER, split_pieces
-from melle_runtime.synthesizer import Synthesizer
+from melle_runtime.synthesizer import SynthesisOptions, Synthesizer
 
 ROOT = Path(__file__).resolve().parents[1]
 # Runs synth.py in a process where `import torch` fails, then proves torch never loaded.
@@ -114,6 +114,13 @@ def test_api_joins_sentences_with_a_pause(voiced_engine):
     assert rate == 22050 and wav.dtype == np.float32
     assert len(wav) > len(one) + int(0.25 * rate) - 1
     np.testing.assert_array_equal(wav[: len(one)], one)  # sentence 1 keeps its seed
+
+
+def test_synthesizer_closes_its_backend(voiced_engine):
+    with Synthesizer(voiced_engine) as synthesizer:
+        wav, _ = synthesizer.synthesize("hi.", seed=0, options=SynthesisOptions(max_seconds=0.5))
+        assert len(wav) > 0
+    assert synthesizer.backend.sessions == {} and synthesizer.backend.vocoder is None
 
 
 def test_pieces_are_sentences_with_pauses_from_their_punctuation():
