@@ -22,9 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from melle.cli import OutputError, run_cli
-from melle.config import PRESETS
-from melle.fileio import write_text_atomic
+from melle.core.cli import OutputError, run_cli
+from melle.core.config import PRESETS
+from melle.core.fileio import write_text_atomic
 from melle_bench.latency_backends import BACKENDS
 from melle_bench.latency_figures import add_vocoder_times, cost_growth, speedups
 from melle_bench.latency_machine import TORCH_ENV
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def cli() -> None:
-    """Entry point: expected failures are one line on stderr and an exit code (melle.cli)."""
+    """Entry point: expected failures are one line on stderr and an exit code (melle.core.cli)."""
     sys.exit(run_cli(main))
 
 

@@ -58,7 +58,7 @@ def open_vocoder(backend: str, engine: str) -> Callable[[np.ndarray], np.ndarray
     """The vocoder ``backend`` is paired with: PyTorch for torch backends, the engine's graph otherwise."""
     if backend in TORCH_BACKENDS:
         return torch_vocoder()
-    from melle_runtime.manifest import read_manifest
+    from melle.core.manifest import read_manifest
     from melle_runtime.ort_backend import available_providers, make_session
 
     device = "cuda" if backend in GPU_BACKENDS else "cpu"
@@ -74,7 +74,7 @@ def open_backend(backend: str, model: Model):
 
         net = load_checkpoint(model.checkpoint)
         return (NoCacheTorchBackend(net) if backend == "torch-nocache" else TorchBackend(net)), net.cfg
-    from melle_runtime.manifest import read_manifest
+    from melle.core.manifest import read_manifest
     from melle_runtime.synthesizer import make_backend
 
     manifest = read_manifest(model.engine)

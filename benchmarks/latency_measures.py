@@ -14,10 +14,10 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
-from melle.config import MelleConfig
-from melle.decoding import Decoded, DecodeOptions, decode
-from melle.noise import dropout_masks
-from melle.text import N_SPECIAL
+from melle.core.config import MelleConfig
+from melle.core.decoding import Decoded, DecodeOptions, decode
+from melle.core.noise import dropout_masks
+from melle.core.text import N_SPECIAL
 from melle_bench.latency_backends import GPU_BACKENDS, open_backend, open_vocoder
 from melle_bench.latency_workload import (EFFORT, FIRST_AUDIO_SECONDS, TABLE5_SECONDS, Cell, Effort, Model,
                                           Settings, Workload, frames_for)
@@ -184,7 +184,7 @@ def table5_of(cell: Cell, r: int, effort: Effort, bar: tqdm) -> dict:
 
 def full_mode_steps(model: Model, positions: list[int], effort: Effort, bar: tqdm) -> dict:
     """Per-step latency of ORT on CPU handed the whole fixed-capacity cache (the GPU/CUDA-graph mode)."""
-    from melle_runtime.manifest import read_manifest
+    from melle.core.manifest import read_manifest
     from melle_runtime.ort_backend import OrtBackend
 
     manifest = read_manifest(model.engine)

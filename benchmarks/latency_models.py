@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from melle.config import PRESETS, MelleConfig
+from melle.core.config import PRESETS, MelleConfig
 from melle_bench.latency_backends import VOCODER
 from melle_bench.latency_workload import TABLE5_SECONDS, Model, Settings, Workload
 
@@ -50,7 +50,7 @@ def is_cached(model: Model, onnx: bool, int8: bool) -> bool:
         return False
     if not onnx:
         return True
-    from melle_runtime.manifest import EngineError, read_manifest
+    from melle.core.manifest import EngineError, read_manifest
 
     try:
         graphs = read_manifest(model.engine, verify=False).graphs  # loading verifies the checksums

@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
-from melle.config import PRESETS, MelleConfig
-from melle.fileio import write_text_atomic
+from melle.core.config import PRESETS, MelleConfig
+from melle.core.fileio import write_text_atomic
 from melle_bench.latency_backends import TORCH_BACKENDS, VOCODER_RUNTIME, unavailable
 from melle_bench.latency_machine import TORCH_ENV, machine_info
 from melle_bench.latency_measures import run_cell, time_vocoder

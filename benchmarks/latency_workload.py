@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from melle.audio import get_preset
-from melle.config import MelleConfig
-from melle.text import N_SPECIAL
+from melle.core.audio import get_preset
+from melle.core.config import MelleConfig
+from melle.core.text import N_SPECIAL
 
 TABLE5_SECONDS = 10.0  # paper Table 5: time to generate 10 s of speech
 PAPER_TABLE5 = {1: 5.49, 2: 2.76, 4: 1.40}  # seconds for r = 1, 2, 4 on the paper's GPU

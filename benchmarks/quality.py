@@ -38,12 +38,12 @@ import numpy as np
 import soxr
 from tqdm import tqdm
 
-from melle.audio import get_preset, load_wav, mel_spectrogram, save_audio
-from melle.cli import ExitCode, OutputError, UserError, run_cli
-from melle.fileio import write_text_atomic
+from melle.core.audio import get_preset, load_wav, mel_spectrogram, save_audio
+from melle.core.cli import ExitCode, OutputError, UserError, run_cli
+from melle.core.fileio import write_text_atomic
 from melle_bench.quality_metrics import (Row, build_report, cosine, mean_embedding, render_markdown,
                                          summarize_prompted, utterance_wer)
-from melle_runtime.manifest import EngineError
+from melle.core.manifest import EngineError
 from melle_runtime.synthesizer import BACKENDS, SynthesisOptions, Synthesizer
 
 WHISPER_RATE = 16000  # Whisper takes 16 kHz audio
@@ -240,7 +240,7 @@ class Reference:
 
     def __init__(self, ckpt: str, options: SynthesisOptions):
         from melle.checkpoint import CheckpointError, load_checkpoint
-        from melle.text import tokenizer_from_spec
+        from melle.core.text import tokenizer_from_spec
 
         try:
             self.model = load_checkpoint(ckpt)
@@ -264,7 +264,7 @@ class Reference:
     def teacher_forced_clip(self, utterance: Utterance, seed: int) -> Clip:
         """The checkpoint predicting each group of a recording from its true previous frames."""
         from melle.generate import teacher_forced
-        from melle.noise import dropout_masks
+        from melle.core.noise import dropout_masks
 
         def make():
             mel = mel_spectrogram(load_wav(utterance.audio, self.preset.sample_rate), self.preset)
@@ -499,7 +499,7 @@ def main(argv=None) -> None:
 
 
 def cli() -> None:
-    """Entry point: expected failures are one line on stderr and an exit code (melle.cli)."""
+    """Entry point: expected failures are one line on stderr and an exit code (melle.core.cli)."""
     sys.exit(run_cli(main, {EngineError: ExitCode.MODEL}))
 
 

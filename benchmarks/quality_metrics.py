@@ -14,7 +14,7 @@ from typing import Any
 import jiwer
 import numpy as np
 
-from melle.text import normalize_text
+from melle.core.text import normalize_text
 
 # Anything that is not a letter, a digit or an apostrophe separates words ("twenty-one" -> two words).
 _SEPARATOR_RE = re.compile(r"[^\w']+|_")

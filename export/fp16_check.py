@@ -4,7 +4,7 @@
 
 Converts both graphs to FP16 with the FP32 islands of the TensorRT build
 (``trt_support.fp32_islands``: LayerNorm, softmax, exp(0.5 * logvar), the stop head),
-runs a long decode (``melle.decoding.decode``) on ONNX Runtime CPU with the FP32 graphs
+runs a long decode (``melle.core.decoding.decode``) on ONNX Runtime CPU with the FP32 graphs
 and, at every step, feeds the FP16 graphs the same inputs: the FP32 trajectory's frames,
 masks, position and cache (teacher forcing, so one step's rounding does not compound into
 the next). Reports per step the relative error ``max|fp16 - fp32| / max|fp32|`` of e and
@@ -33,9 +33,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from melle.decoding import DecodeOptions, decode
+from melle.core.decoding import DecodeOptions, decode
 from melle_export.trt_support import fp32_islands
-from melle_runtime.manifest import EngineManifest, read_manifest
+from melle.core.manifest import EngineManifest, read_manifest
 from melle_runtime.ort_backend import OrtBackend
 
 FP32_OPS = ["LayerNormalization", "Softmax", "Exp"]  # by type, in addition to the named islands
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="noise and weight seed (default: %(default)s)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="JSON directory (default: %(default)s)")
     args = p.parse_args(argv)
-    from melle.fileio import write_text_atomic
+    from melle.core.fileio import write_text_atomic
 
     runs = {f"random-{name}": lambda name=name: preset_risk(name, args.steps, args.seed) for name in args.preset}
     runs.update({Path(d).resolve().name: lambda d=d: fp16_risk(d, args.steps, args.seed) for d in args.engine})

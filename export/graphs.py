@@ -2,7 +2,7 @@
 
 Each wrapper's ``forward`` is the graph's signature; ``GraphSpec`` names its inputs,
 outputs and symbolic axes and draws example inputs for tracing and parity checks.
-KV tensors are time-major ``[positions, batch, n_head, head_dim]`` and named by ``melle.kv_names``.
+KV tensors are time-major ``[positions, batch, n_head, head_dim]`` and named by ``melle.core.kv_names``.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from melle.config import MelleConfig
-from melle.kv_names import past_names, present_names
+from melle.core.config import MelleConfig
+from melle.core.kv_names import past_names, present_names
 from melle.model import Melle
-from melle.noise import dropout_masks
+from melle.core.noise import dropout_masks
 
 
 class Prefill(nn.Module):
@@ -45,7 +45,7 @@ class DecoderStep(nn.Module):
         return (hidden[:, 0], *[t for pair in zip(new_k, new_v) for t in pair])
 
 
-class LatentHead(nn.Module):
+class LatentHeadGraph(nn.Module):
     """e [B, d] + eps [B, frame_dim] -> mu, logvar, y' and the stop logit."""
 
     def __init__(self, model: Melle):
@@ -56,7 +56,7 @@ class LatentHead(nn.Module):
         return self.model.latent(e, eps)
 
 
-class PostNet(nn.Module):
+class PostNetGraph(nn.Module):
     """y' [B, frames, n_mels] -> y''."""
 
     def __init__(self, model: Melle):
@@ -118,13 +118,13 @@ def model_graphs(model: Melle) -> list[GraphSpec]:
                      np.array([12], np.int64), *_past(cfg, rng, 2, 12)],
     )
     latent = GraphSpec(
-        "latent_head", LatentHead(model), ["e", "eps"], ["mu", "logvar", "y_coarse", "stop_logit"],
+        "latent_head", LatentHeadGraph(model), ["e", "eps"], ["mu", "logvar", "y_coarse", "stop_logit"],
         {"e": batch, "eps": batch, "mu": batch, "logvar": batch, "y_coarse": batch, "stop_logit": batch},
         lambda rng: [rng.standard_normal((2, cfg.d_model)).astype(np.float32),
                      rng.standard_normal((2, cfg.frame_dim)).astype(np.float32)],
     )
     postnet = GraphSpec(
-        "postnet", PostNet(model), ["coarse"], ["refined"],
+        "postnet", PostNetGraph(model), ["coarse"], ["refined"],
         {"coarse": {0: "batch", 1: "frames"}, "refined": {0: "batch", 1: "frames"}},
         lambda rng: [rng.standard_normal((1, 37, cfg.n_mels)).astype(np.float32)],
     )

@@ -23,11 +23,11 @@ import torch
 from tqdm import tqdm
 
 from melle.checkpoint import CheckpointError, load_checkpoint
-from melle.cli import ExitCode, run_cli
-from melle.fileio import atomic_dir, check_output_dir
+from melle.core.cli import ExitCode, run_cli
+from melle.core.fileio import atomic_dir, check_output_dir
 from melle.vocoder import VocoderError, load_hifigan, mel_preset_of
 from melle_export.graphs import GraphSpec, export_graph, model_graphs, run_torch, vocoder_graph
-from melle_runtime.manifest import (EngineManifest, GraphEntry, TensorSpec, engine_entries, read_manifest,
+from melle.core.manifest import (EngineManifest, GraphEntry, TensorSpec, engine_entries, read_manifest,
                                     sha256_of, write_manifest)
 
 GRAPH_TOLERANCE = 1e-4  # ORT FP32 vs PyTorch, per graph (DESIGN.md)
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def cli() -> None:
-    """Entry point: expected failures are one line on stderr and an exit code (melle.cli)."""
+    """Entry point: expected failures are one line on stderr and an exit code (melle.core.cli)."""
     sys.exit(run_cli(main, {CheckpointError: ExitCode.MODEL, ExportError: ExitCode.MODEL,
                             VocoderError: ExitCode.MODEL}))
 

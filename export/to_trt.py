@@ -58,11 +58,11 @@ from pathlib import Path
 import onnx
 from tqdm import tqdm
 
-from melle.cli import ExitCode, OutputError, run_cli
-from melle.fileio import atomic_path
-from melle.kv_names import past_names
+from melle.core.cli import ExitCode, OutputError, run_cli
+from melle.core.fileio import atomic_path
+from melle.core.kv_names import past_names
 from melle_export.trt_support import TRT_GRAPHS, TrtCompatibilityError, fp32_islands, require_compatible
-from melle_runtime.manifest import (TIMING_CACHE_FILE, EngineError, EngineManifest, TrtBuild, TrtEngine,
+from melle.core.manifest import (TIMING_CACHE_FILE, EngineError, EngineManifest, TrtBuild, TrtEngine,
                                     read_manifest, sha256_of, write_manifest)
 from melle_runtime.trt_backend import require_gpu
 
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def cli() -> None:
-    """Entry point: expected failures are one line on stderr and an exit code (melle.cli): 2 options,
+    """Entry point: expected failures are one line on stderr and an exit code (melle.core.cli): 2 options,
     4 engine directory, compatibility, TensorRT or GPU, 5 where the engines would be written."""
     sys.exit(run_cli(main, {EngineError: ExitCode.MODEL, TrtCompatibilityError: ExitCode.MODEL}))
 

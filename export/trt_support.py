@@ -198,7 +198,7 @@ def check_model(model: onnx.ModelProto, name: str) -> list[Issue]:
 
 def check_engine_dir(directory: str | Path) -> list[Issue]:
     """Check every graph of an engine directory that ``to_trt.py`` builds."""
-    from melle_runtime.manifest import read_manifest
+    from melle.core.manifest import read_manifest
 
     manifest = read_manifest(directory)
     return [issue for name in TRT_GRAPHS if name in manifest.graphs

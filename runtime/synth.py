@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from melle.audio import AUDIO_FORMATS, AudioError, audio_format, save_audio
-from melle.cli import ExitCode, OutputError, UserError, run_cli
-from melle.fileio import atomic_path, check_output_file
-from melle.text import EmptyTextError, UnknownSymbolError
-from melle_runtime.manifest import EngineError
+from melle.core.audio import AUDIO_FORMATS, AudioError, audio_format, save_audio
+from melle.core.cli import ExitCode, OutputError, UserError, run_cli
+from melle.core.fileio import atomic_path, check_output_file
+from melle.core.text import EmptyTextError, UnknownSymbolError
+from melle.core.manifest import EngineError
 from melle_runtime.synthesizer import BACKENDS, SynthesisOptions, Synthesizer
 
 DEFAULT_OUT = "out.wav"
@@ -189,7 +189,7 @@ def speak_all(synth: Synthesizer, jobs: list[Job], args: argparse.Namespace, opt
 
 
 def cli() -> None:
-    """Entry point: expected failures are one line on stderr and an exit code (melle.cli)."""
+    """Entry point: expected failures are one line on stderr and an exit code (melle.core.cli)."""
     sys.exit(run_cli(main, {EngineError: ExitCode.MODEL, EmptyTextError: ExitCode.INPUT,
                             UnknownSymbolError: ExitCode.INPUT, AudioError: ExitCode.INPUT,
                             FloatingPointError: ExitCode.NUMERIC}))

@@ -1,7 +1,7 @@
 """The Python API: ``Synthesizer(engine_dir).synthesize(text) -> (waveform, sample_rate)``.
 
-Text -> tokens (melle.text), optional prompt wav -> mel (melle.audio, numpy), the shared
-decode loop (melle.decoding) over a runtime backend, then the backend's vocoder.
+Text -> tokens (melle.core.text), optional prompt wav -> mel (melle.core.audio, numpy), the shared
+decode loop (melle.core.decoding) over a runtime backend, then the backend's vocoder.
 Imports no torch.
 """
 
@@ -14,11 +14,11 @@ from typing import Callable
 
 import numpy as np
 
-from melle.audio import load_wav, mel_spectrogram
-from melle.decoding import Decoded, DecodeOptions, decode
-from melle.text import (EmptyTextError, UnknownSymbolError, describe_symbols, normalize_text,
+from melle.core.audio import load_wav, mel_spectrogram
+from melle.core.decoding import Decoded, DecodeOptions, decode
+from melle.core.text import (EmptyTextError, UnknownSymbolError, describe_symbols, normalize_text,
                         prompt_transcript_mismatch, tokenizer_from_spec, unspeakable_characters)
-from melle_runtime.manifest import EngineError, read_manifest
+from melle.core.manifest import EngineError, read_manifest
 from melle_runtime.ort_backend import OrtBackend
 from melle_runtime.text_pieces import Piece, split_pieces
 

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from melle.text import EmptyTextError
+from melle.core.text import EmptyTextError
 
 SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
 CLAUSE_END = re.compile(r"(?<=[,:;\u2013\u2014])\s+")

@@ -1,4 +1,4 @@
-"""TensorRT backend: the ``DecoderBackend`` of ``melle.decoding`` over engines built by export/to_trt.py.
+"""TensorRT backend: the ``DecoderBackend`` of ``melle.core.decoding`` over engines built by export/to_trt.py.
 
 NOT VALIDATED ON A GPU. Written against the TensorRT 10 Python API and cuda-python on a
 machine without either; the CPU tests check imports, error messages and the manifest
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from melle.kv_names import is_past, present_of
-from melle_runtime.manifest import EngineError, EngineManifest, TrtBuild, sha256_of
+from melle.core.kv_names import is_past, present_of
+from melle.core.manifest import EngineError, EngineManifest, TrtBuild, sha256_of
 
 ALIGN = 256  # bytes; TensorRT I/O addresses must be aligned, 256 suits every tensor type
 REBUILD = "rebuild them on this machine with `python export/to_trt.py {directory}`"

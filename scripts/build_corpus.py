@@ -262,7 +262,7 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-def write_manifest(path: Path, entries: list[dict]) -> None:
+def write_jsonl(path: Path, entries: list[dict]) -> None:
     """Atomically write ``entries`` as JSON lines."""
     write_text_atomic(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
 
@@ -366,9 +366,9 @@ def synthesise_corpus(
                 if done % MANIFEST_FLUSH_EVERY == 0:
                     for name, split_entries in entries.items():
                         if split_entries:
-                            write_manifest(out / f"{name}.jsonl", split_entries)
+                            write_jsonl(out / f"{name}.jsonl", split_entries)
     for name, split_entries in entries.items():
-        write_manifest(out / f"{name}.jsonl", split_entries)
+        write_jsonl(out / f"{name}.jsonl", split_entries)
     return entries
 
 
@@ -409,7 +409,7 @@ def render_prompts(out: Path, texts: list[str]) -> list[dict]:
             entries.append(
                 {"audio": rel, "text": text, "speaker": speaker, "duration": round(duration, 3)}
             )
-    write_manifest(out / "prompts.jsonl", entries)
+    write_jsonl(out / "prompts.jsonl", entries)
     return entries
 
 

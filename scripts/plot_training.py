@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from melle.fileio import write_text_atomic  # noqa: E402
+from melle.core.fileio import write_text_atomic  # noqa: E402
 
 LOSSES = ["reg", "kl", "flux", "stop", "guided"]
 PROBE_FIELDS = ["step", "system", "n", "wer", "sim", "source"]

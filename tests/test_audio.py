@@ -10,8 +10,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from melle.audio import PRESETS, AudioError, get_preset, load_wav, mel_filterbank, mel_spectrogram, save_audio
-from melle.fileio import atomic_dir
+from melle.core.audio import PRESETS, AudioError, get_preset, load_wav, mel_filterbank, mel_spectrogram, save_audio
+from melle.core.fileio import atomic_dir
 from melle.mel_torch import mel_spectrogram_torch
 
 
@@ -23,7 +23,7 @@ def chirp(sample_rate: int, seconds: float, amplitude: float = 0.5) -> np.ndarra
 
 
 def test_audio_imports_without_torch():
-    code = "import sys, melle.audio; assert 'torch' not in sys.modules"
+    code = "import sys, melle.core.audio; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

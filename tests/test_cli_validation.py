@@ -1,6 +1,6 @@
 """Every command refuses bad options and unusable inputs up front: one ``error:`` line, a distinct exit code.
 
-Run as a user runs them (a subprocess from the repository root); codes from melle/cli.py: 2 option
+Run as a user runs them (a subprocess from the repository root); codes from melle/core/cli.py: 2 option
 (argparse), 3 input file, 4 checkpoint / engine / TensorRT, 5 output path, 6 NaN/inf.
 """
 
@@ -19,8 +19,8 @@ import pytest
 import soundfile as sf
 
 from conftest import ROOT
-from melle.cli import ExitCode, UserError
-from melle.config import preset_config
+from melle.core.cli import ExitCode, UserError
+from melle.core.config import preset_config
 
 RATE = 22050
 # argparse writes "PROG: error: ...", UserError "error: ..."; both are the last line of stderr.

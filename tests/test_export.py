@@ -7,14 +7,14 @@ import numpy as np
 import onnx
 import pytest
 
-from melle.audio import get_preset
+from melle.core.audio import get_preset
 from melle.checkpoint import load_checkpoint
-from melle.decoding import DecodeOptions, decode
+from melle.core.decoding import DecodeOptions, decode
 from melle.generate import generate
 from melle_export.fp16_check import relative_error
 from melle_export.graphs import model_graphs, run_torch
 from melle_export.to_onnx import ExportError, export, ort_run
-from melle_runtime.manifest import EngineError, engine_entries, read_manifest
+from melle.core.manifest import EngineError, engine_entries, read_manifest
 from melle_runtime.ort_backend import OrtBackend
 
 GRAPH_TOL, TRAJECTORY_TOL = 1e-4, 1e-3

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from melle.decoding import DecodeOptions, decode
+from melle.core.decoding import DecodeOptions, decode
 from melle.generate import NoCacheTorchBackend, TorchBackend
 from melle_bench.latency_figures import speedups
 

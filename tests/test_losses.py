@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from melle.config import preset_config
+from melle.core.config import preset_config
 from melle.losses import (LossConfig, alignment_score, flux_loss, guided_attention_loss, kl_loss, melle_loss,
                           regression_loss, stop_loss)
 from melle.model import Melle

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from melle.config import preset_config
-from melle.decoding import DecodeOptions
+from melle.core.config import preset_config
+from melle.core.decoding import DecodeOptions
 from melle.generate import TorchBackend, generate, teacher_forced
 from melle.model import KVCache, Melle, count_parameters
-from melle.noise import N_PRENET_DROPOUTS, Noise
+from melle.core.noise import N_PRENET_DROPOUTS, Noise
 
 
 def tiny_model(r: int, seed: int = 0) -> Melle:

@@ -176,3 +176,27 @@ def test_no_script_folder_module_shadows_an_installed_one(folder):
     shadowing = [p.stem for p in (ROOT / folder).glob("*.py")
                  if p.stem != "__init__" and PathFinder.find_spec(p.stem, installed) is not None]
     assert shadowing == [], f"{folder}/ modules shadow installed ones: {shadowing}"
+
+
+def test_the_runtime_takes_from_melle_only_its_torch_free_core():
+    import ast
+
+    reached = set()
+    for path in (ROOT / "runtime").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            reached |= {(path.name, n) for n in names if n == "melle" or n.startswith("melle.")}
+    outside = sorted((f, n) for f, n in reached if not n.startswith("melle.core"))
+    assert reached and outside == [], outside
+
+
+def test_the_core_imports_no_torch_and_nothing_of_melle_outside_it():
+    code = ("import sys, pkgutil, importlib, melle.core\n"
+            "names = [m.name for m in pkgutil.iter_modules(melle.core.__path__, 'melle.core.')]\n"
+            "[importlib.import_module(n) for n in names]\n"
+            "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('melle.') "
+            "and not m.startswith('melle.core'))\n"
+            "assert len(names) >= 9 and loaded == [], (names, loaded)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from melle.text import (
+from melle.core.text import (
     EOS_ID,
     N_SPECIAL,
     PAD_ID,
@@ -202,7 +202,7 @@ def test_prompt_transcript_bad_duration(seconds):
 
 
 def test_specials_match_config():
-    from melle.config import N_SPECIAL_TOKENS
+    from melle.core.config import N_SPECIAL_TOKENS
 
     assert (PAD_ID, EOS_ID, N_SPECIAL) == (0, 1, N_SPECIAL_TOKENS)
 
@@ -304,9 +304,9 @@ def test_empty_corpus():
 
 def test_no_torch_import():
     code = (
-        "import sys, melle.text as t\n"
+        "import sys, melle.core.text as t\n"
         "for kind in ('chars', 'phonemes', 'bpe'):\n"
         "    t.build_tokenizer(kind, ['hello world']).encode('hello')\n"
-        "assert 'torch' not in sys.modules, 'melle.text imported torch'\n"
+        "assert 'torch' not in sys.modules, 'melle.core.text imported torch'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

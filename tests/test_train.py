@@ -20,13 +20,13 @@ from safetensors.torch import load_file, save_file
 
 from melle.checkpoint import CheckpointError, load_checkpoint, load_trainer_state, save_checkpoint
 from melle.checkpoint import main as checkpoint_main
-from melle.config import preset_config
+from melle.core.config import preset_config
 from melle.data import bucket_batches, collate
-from melle.decoding import DecodeOptions
-from melle.fileio import current_umask
+from melle.core.decoding import DecodeOptions
+from melle.core.fileio import current_umask
 from melle.generate import generate
 from melle.init import random_model
-from melle.text import build_tokenizer, tokenizer_from_spec
+from melle.core.text import build_tokenizer, tokenizer_from_spec
 from melle.model import Melle
 from melle.data import MelDataset
 from melle.train import TrainConfig, feed_own_predictions, main as train_main

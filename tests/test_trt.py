@@ -12,13 +12,13 @@ import pytest
 from onnx import TensorProto, helper
 
 from melle.checkpoint import load_checkpoint
-from melle.decoding import DecodeOptions, decode
+from melle.core.decoding import DecodeOptions, decode
 from melle.generate import TorchBackend, generate
 from melle_export.fp16_check import fp16_risk
 from melle_export.to_trt import profiles
 from melle_export.trt_support import check_engine_dir, check_model, fp32_islands
-from melle_export.verify import teacher_forced
-from melle_runtime.manifest import EngineError, TrtBuild, read_manifest
+from melle_export.verify import lockstep_errors
+from melle.core.manifest import EngineError, TrtBuild, read_manifest
 from melle_runtime.ort_backend import OrtBackend
 from melle_runtime.trt_backend import check_build, require_gpu
 
@@ -216,7 +216,7 @@ def test_teacher_forced_harness_ort_vs_pytorch(tiny_checkpoint, tiny_engine):
     """The comparison the GPU tests run, on CPU: ORT FP32 tracks PyTorch far inside the TRT budget."""
     manifest = read_manifest(tiny_engine(1))
     model = load_checkpoint(tiny_checkpoint(1))
-    errors = teacher_forced(TorchBackend(model), OrtBackend(manifest), manifest.config, SAMPLE_IDS, steps=50)
+    errors = lockstep_errors(TorchBackend(model), OrtBackend(manifest), manifest.config, SAMPLE_IDS, steps=50)
     assert all(len(v) == 50 for v in errors.values())
     assert max(max(v) for v in errors.values()) < 1e-4
 
@@ -253,7 +253,7 @@ def test_trt_fp16_teacher_forced_matches_pytorch(trt_engine, tiny_checkpoint):
 
     manifest = read_manifest(trt_engine)
     with TrtBackend(manifest) as backend:
-        errors = teacher_forced(TorchBackend(load_checkpoint(tiny_checkpoint(1))), backend, manifest.config,
+        errors = lockstep_errors(TorchBackend(load_checkpoint(tiny_checkpoint(1))), backend, manifest.config,
                                 SAMPLE_IDS, steps=200)
     for name, per_step in errors.items():
         assert max(per_step) < TRT_TOLERANCE, (name, max(per_step))

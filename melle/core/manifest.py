@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from melle.audio import MelPreset, get_preset
-from melle.config import MelleConfig
-from melle.fileio import write_text_atomic
+from melle.core.audio import MelPreset, get_preset
+from melle.core.config import MelleConfig
+from melle.core.fileio import write_text_atomic
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1  # the layout to_dict writes; read_manifest refuses newer ones

@@ -14,9 +14,9 @@ from typing import Protocol
 
 import numpy as np
 
-from melle.config import MelleConfig
-from melle.noise import Noise, NoiseSource
-from melle.text import EOS_ID
+from melle.core.config import MelleConfig
+from melle.core.noise import Noise, NoiseSource
+from melle.core.text import EOS_ID
 
 
 class DecoderBackend(Protocol):

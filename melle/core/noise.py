@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from melle.config import MelleConfig
+from melle.core.config import MelleConfig
 
 N_PRENET_DROPOUTS = 2  # dropout layers in the pre-net, each with its own mask
 

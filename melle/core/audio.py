@@ -26,7 +26,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from melle.fileio import atomic_path
+from melle.core.fileio import atomic_path
 
 
 class AudioError(ValueError):

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from melle.cli import OutputError
+from melle.core.cli import OutputError
 
 
 def current_umask() -> int:
