@@ -18,6 +18,7 @@ import pytest
 import soundfile as sf
 
 from melle.core.cli import ExitCode
+from melle.core.manifest import EngineError
 from melle_runtime.synthesizer import Synthesizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,6 +130,11 @@ def test_long_text_without_punctuation_is_cut_to_fit_the_engine(tiny_checkpoint,
     assert " ".join(p.text for p in long.pieces) == words  # every word spoken, in order, once
     budget = synthesizer.piece_budget()
     assert all(len(synthesizer.tokenizer.encode(p.text)) <= budget for p in long.pieces)
+    # What cannot be cut to fit is a clear error naming the capacity: here a 4 s prompt.
+    t = np.arange(4 * 22050) / 22050
+    sf.write(tmp_path / "long_prompt.wav", 0.3 * np.sin(2 * np.pi * 220 * t), 22050)
+    with pytest.raises(EngineError, match="of the engine's 120 positions"):
+        synthesizer.speak("hi.", prompt_wav=tmp_path / "long_prompt.wav", prompt_text="a long tone.")
 
 
 def test_cli_speaks_a_long_unpunctuated_text_with_progress(voiced_engine, tmp_path):
