@@ -86,6 +86,7 @@ class GraphSpec:
     outputs: list[str]
     dynamic_axes: dict[str, dict[int, str]]
     example: Callable[[np.random.Generator], list[np.ndarray]]  # inputs for tracing and parity
+    context_frames: int | None = None  # frame graphs: receptive radius in frames (manifest, streaming)
 
 
 def _past(cfg: MelleConfig, rng: np.random.Generator, batch: int, length: int) -> list[np.ndarray]:
@@ -127,16 +128,18 @@ def model_graphs(model: Melle) -> list[GraphSpec]:
         "postnet", PostNetGraph(model), ["coarse"], ["refined"],
         {"coarse": {0: "batch", 1: "frames"}, "refined": {0: "batch", 1: "frames"}},
         lambda rng: [rng.standard_normal((1, 37, cfg.n_mels)).astype(np.float32)],
+        context_frames=cfg.postnet_context,
     )
     return [prefill, step, latent, postnet]
 
 
-def vocoder_graph(generator: nn.Module, n_mels: int) -> GraphSpec:
+def vocoder_graph(generator: nn.Module, n_mels: int, context_frames: int) -> GraphSpec:
     return GraphSpec(
         "vocoder", Vocoder(generator), ["mel"], ["wav"],
         {"mel": {0: "batch", 1: "frames"}, "wav": {0: "batch", 1: "samples"}},
         # Log-mel values in the vocoder's usual range.
         lambda rng: [(rng.standard_normal((1, 24, n_mels)) * 2 - 6).astype(np.float32)],
+        context_frames=context_frames,
     )
 
 

@@ -55,6 +55,26 @@ class HifiganConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def context_frames(config: HifiganConfig) -> int:
+    """Mel frames on each side of a frame that its ``hop_size`` samples depend on (the receptive radius).
+
+    Walks the generator backwards from its output: conv_post (kernel 7), then per upsampling stage
+    the widest residual block (each dilated conv followed by an undilated one, as in ``ResBlock1``;
+    ``ResBlock2`` has only the dilated ones) and the transposed conv (stride u, kernel k, padding
+    p = (k - u) / 2: output n reads inputs (n + p - k + 1) / u .. (n + p) / u); then conv_pre
+    (kernel 7). Taken over every output phase, so it is an upper bound: chunks given this much
+    context on each side vocode exactly as the whole mel does.
+    """
+    radius = 3  # conv_post, in output samples
+    stages = list(zip(config.upsample_rates, config.upsample_kernel_sizes))
+    for rate, kernel in reversed(stages):
+        radius += max(sum((k // 2) * d + (k // 2) * (config.resblock == "1") for d in dilations)
+                      for k, dilations in zip(config.resblock_kernel_sizes, config.resblock_dilation_sizes))
+        padding = (kernel - rate) // 2
+        radius = max((radius + kernel - 1 - padding) // rate, (radius + padding + rate - 1) // rate)
+    return radius + 3  # conv_pre
+
+
 def mel_preset_of(config: HifiganConfig) -> str:
     """The melle mel preset whose analysis matches the vocoder's training features."""
     ours = (config.sampling_rate, config.n_fft, config.hop_size, config.win_size,

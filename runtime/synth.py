@@ -3,9 +3,12 @@
     python runtime/synth.py --engine ENGINE_DIR --text "Hello there." --out out.wav
     python runtime/synth.py --engine ENGINE_DIR --text-file lines.txt --out-dir wavs/   (one file per line)
     echo "Hello." | python runtime/synth.py --engine ENGINE_DIR --out-dir wavs/
+    python runtime/synth.py --engine ENGINE_DIR --stream --text-file story.txt --out - | aplay -f FLOAT_LE -r 22050
 
 The output format follows the extension (.wav, .flac, .ogg, .mp3). Existing files are never
-replaced without --overwrite. Runs on ONNX Runtime (CPU or CUDA) or TensorRT; never imports torch.
+replaced without --overwrite. --stream speaks the whole input as one text while it is decoded,
+into a WAV file that is valid after every chunk or as raw float32 PCM on stdout (--out -).
+Runs on ONNX Runtime (CPU or CUDA) or TensorRT; never imports torch.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from melle.core.cli import ExitCode, OutputError, UserError, run_cli
 from melle.core.fileio import atomic_path, check_output_file
 from melle.core.text import EmptyTextError, UnknownSymbolError
 from melle.core.manifest import EngineError
+from melle_runtime.stream_output import RAW_PCM, RawPcmStream, WavStream, silence_closed_stdout
 from melle_runtime.synthesizer import BACKENDS, SynthesisOptions, Synthesizer
 
 DEFAULT_OUT = "out.wav"
@@ -95,6 +99,23 @@ def read_lines(args) -> list[tuple[int, str]]:
     return [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip()]
 
 
+def stream_job(args) -> Job:
+    """--stream: the whole input as one text, and where its audio goes."""
+    if args.text is not None:
+        text = args.text
+    else:
+        text = "\n".join(line for _, line in read_lines(args))
+        if not text:
+            raise EmptyTextError(f"no text given: {args.text_file or 'stdin'} has no non-blank line; "
+                                 "pass --text, --text-file or text on stdin")
+    out = args.out or DEFAULT_OUT
+    if out == RAW_PCM:
+        return Job(text, Path(RAW_PCM), None)
+    if Path(out).suffix.lower() != ".wav":
+        raise UserError(f"--stream writes .wav files or raw PCM to stdout (--out -), not {out}", ExitCode.USAGE)
+    return Job(text, check_output_file(out, args.overwrite), None)
+
+
 def plan_jobs(args) -> list[Job]:
     """What to say and where each result goes, checked before any synthesis runs."""
     if args.text is not None:
@@ -123,7 +144,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--text", help="text to speak (default: lines of --text-file or stdin)")
     source.add_argument("--text-file", help="one utterance per line (UTF-8)")
-    p.add_argument("--out", help=f"audio file for --text (default: {DEFAULT_OUT}); .wav .flac .ogg or .mp3")
+    p.add_argument("--out", help=f"audio file for --text (default: {DEFAULT_OUT}); .wav .flac .ogg or .mp3; "
+                                 "with --stream a .wav or - (raw float32 PCM on stdout)")
     p.add_argument("--out-dir", help=f"directory for line-by-line input (default: {DEFAULT_OUT_DIR}); "
                                      "line N goes to NNNN.wav")
     p.add_argument("--format", default=".wav", choices=sorted(AUDIO_FORMATS),
@@ -138,10 +160,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--strict", action="store_true", help="characters the voice cannot speak are an error")
     p.add_argument("--mel-png", help="also save a spectrogram picture of the (first) utterance")
+    p.add_argument("--stream", action="store_true",
+                   help="speak the whole input as one text, writing audio while it is decoded")
     args = p.parse_args(argv)
+    if args.stream:
+        for option, given in (("--out-dir", args.out_dir is not None), ("--mel-png", args.mel_png is not None),
+                              (f"--candidates {args.candidates}", args.candidates != 1)):
+            if given:
+                p.error(f"--stream writes one audio stream and decodes one candidate: drop {option}")
+    elif args.out == RAW_PCM:
+        p.error("--out - (raw PCM on stdout) needs --stream")
     if args.text is not None and args.out_dir is not None:
         p.error("--out-dir is for --text-file or stdin input; with --text, name the file with --out")
-    if args.text is None and args.out is not None:
+    if args.text is None and args.out is not None and not args.stream:
         p.error("--out names the file for --text; for --text-file or stdin give --out-dir (one file per line)")
     if args.prompt_wav and not args.prompt_text:
         p.error("--prompt-wav needs --prompt-text (the transcript of the prompt)")
@@ -160,11 +191,50 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.mel_png:
         check_output_file(args.mel_png, args.overwrite, "--mel-png")
-    jobs = plan_jobs(args)
+    jobs = [stream_job(args)] if args.stream else plan_jobs(args)
     options = SynthesisOptions(candidates=args.candidates, max_seconds=args.max_seconds, strict=args.strict)
     with Synthesizer(args.engine, backend=args.backend, threads=args.threads) as synth:
-        speak_all(synth, jobs, args, options)
+        if args.stream:
+            stream_speech(synth, jobs[0], args, options)
+        else:
+            speak_all(synth, jobs, args, options)
     return 0
+
+
+def stream_speech(synth: Synthesizer, job: Job, args: argparse.Namespace, options: SynthesisOptions) -> None:
+    """Write ``job``'s audio chunk by chunk as it is made, with the seconds made on stderr."""
+    began = time.perf_counter()
+    chunks = synth.stream(job.text, args.prompt_wav, args.prompt_text, seed=args.seed, options=options)
+    sink = RawPcmStream() if job.target == Path(RAW_PCM) else None
+    samples, first_audio = 0, None
+    bar = tqdm(desc="streaming", unit="s", bar_format="{desc}: {n:.1f} s of audio [{elapsed}]", file=sys.stderr)
+    try:
+        for chunk in chunks:
+            if sink is None:  # opened with the first chunk: bad input leaves no empty file behind
+                sink = WavStream(job.target, chunk.sample_rate)
+            sink.write(chunk.wav)
+            first_audio = first_audio or time.perf_counter() - began
+            samples += len(chunk.wav)
+            bar.update(len(chunk.wav) / chunk.sample_rate)
+    except BrokenPipeError:
+        silence_closed_stdout()
+        bar.close()
+        print(f"stdout was closed by its reader: stopped after {samples / synth.sample_rate:.2f} s of audio",
+              file=sys.stderr)
+        return
+    except KeyboardInterrupt:
+        bar.close()
+        kept = f"; {sink.describe()} holds the first {samples / synth.sample_rate:.2f} s" if sink else ""
+        print(f"interrupted{kept}", file=sys.stderr)
+        raise
+    finally:
+        chunks.close()
+        if sink is not None:
+            sink.close()
+    bar.close()
+    elapsed, seconds = time.perf_counter() - began, samples / synth.sample_rate
+    print(f"streamed {seconds:.2f} s of audio to {sink.describe()} in {elapsed:.2f} s (first audio after "
+          f"{first_audio:.2f} s, RTF {elapsed / seconds:.3f})", file=sys.stderr)
 
 
 def speak_all(synth: Synthesizer, jobs: list[Job], args: argparse.Namespace, options: SynthesisOptions) -> None:

@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
 from melle.core.audio import load_wav, mel_spectrogram
-from melle.core.decoding import Decoded, DecodeOptions, decode
+from melle.core.decoding import Decoded, DecodeOptions, Decoding, decode
 from melle.core.text import (EmptyTextError, UnknownSymbolError, describe_symbols, normalize_text,
                         prompt_transcript_mismatch, tokenizer_from_spec, unspeakable_characters)
 from melle.core.manifest import EngineError, read_manifest
 from melle_runtime.ort_backend import OrtBackend
-from melle_runtime.text_pieces import Piece, split_pieces
+from melle_runtime.streaming import ChunkPlan, MelStream
+from melle_runtime.text_pieces import Piece, split_text
 
 BACKENDS = ("ort-cpu", "ort-cpu-int8", "ort-cuda", "trt")
 MIN_PROMPT_SECONDS = 0.5
@@ -56,6 +59,13 @@ class Speech:
     sample_rate: int
     mels: list[np.ndarray]  # refined log-mel [frames, n_mels] per piece
     pieces: list[Piece]  # the text as it was cut to fit the engine
+
+
+@dataclass
+class AudioChunk:
+    wav: np.ndarray  # float32 [samples]
+    sample_rate: int
+    piece: int  # index of the text piece it belongs to (a pause belongs to the piece it follows)
 
 
 # Called after each piece: (pieces done, pieces in all, seconds of audio made so far).
@@ -114,10 +124,13 @@ class Synthesizer:
     def mel(self, text: str, prompt_mel: np.ndarray | None = None, prompt_text: str | None = None,
             seed: int | None = None, options: SynthesisOptions = SynthesisOptions()) -> Decoded:
         """Decode one piece to mel frames (prompt transcript prepended when prompting)."""
+        return decode(self.backend, self.cfg, self.token_ids(text, prompt_mel, prompt_text), prompt_mel,
+                      options.decode_options(self.cfg, self.preset), seed=seed)
+
+    def token_ids(self, text: str, prompt_mel: np.ndarray | None, prompt_text: str | None) -> list[int]:
+        """The piece's tokens, after the prompt's transcript when there is a prompt."""
         ids = self.tokenizer.encode(text, on_unknown="drop")
-        if prompt_mel is not None:
-            ids = self.tokenizer.encode(prompt_text, on_unknown="drop") + ids
-        return decode(self.backend, self.cfg, ids, prompt_mel, options.decode_options(self.cfg, self.preset), seed=seed)
+        return ids if prompt_mel is None else self.tokenizer.encode(prompt_text, on_unknown="drop") + ids
 
     def vocode(self, mel: np.ndarray) -> np.ndarray:
         """Waveform ``[samples]`` float32 from a log-mel ``[frames, n_mels]``."""
@@ -145,7 +158,7 @@ class Synthesizer:
                 return len(self.tokenizer.encode(piece, on_unknown="drop")) <= budget
             except EmptyTextError:
                 return True  # nothing to speak takes no room
-        return split_pieces(normalize_text(text), fits)
+        return split_text(text, normalize_text, fits)
 
     def check_speakable(self, text: str, strict: bool) -> None:
         """Warn (``strict``: raise) when ``text`` has characters the voice cannot say."""
@@ -158,13 +171,10 @@ class Synthesizer:
             raise UnknownSymbolError(message, chars)
         warnings.warn(message, stacklevel=3)
 
-    def speak(self, text: str, prompt_wav=None, prompt_text: str | None = None, seed: int | None = None,
-              options: SynthesisOptions = SynthesisOptions(), progress: Progress | None = None) -> Speech:
-        """Speak ``text`` piece by piece (seed + i for piece i), joined by pauses from its punctuation.
-
-        Long text is cut into sentences, then clauses, then words, so every piece fits the engine.
-        """
-        self.check_speakable(text, options.strict)
+    def plan(self, text: str, prompt_wav, prompt_text: str | None, strict: bool) -> tuple[np.ndarray | None,
+                                                                                           list[Piece]]:
+        """The prompt's mel (or None) and ``text`` cut into pieces that fit the engine beside it."""
+        self.check_speakable(text, strict)
         prompt = self.prompt_mel(prompt_wav, prompt_text) if prompt_wav is not None else None
         prompt_positions = 0
         if prompt is not None:
@@ -172,6 +182,15 @@ class Synthesizer:
         pieces = self.pieces(text, prompt_positions)
         if not pieces:
             raise EmptyTextError(f"nothing to say: the text is empty or has no words ({text[:40]!r})")
+        return prompt, pieces
+
+    def speak(self, text: str, prompt_wav=None, prompt_text: str | None = None, seed: int | None = None,
+              options: SynthesisOptions = SynthesisOptions(), progress: Progress | None = None) -> Speech:
+        """Speak ``text`` piece by piece (seed + i for piece i), joined by pauses from its punctuation.
+
+        Long text is cut into sentences, then clauses, then words, so every piece fits the engine.
+        """
+        prompt, pieces = self.plan(text, prompt_wav, prompt_text, options.strict)
         audio, mels, seconds = [], [], 0.0
         for i, piece in enumerate(pieces):
             with warnings.catch_warnings(record=True) as caught:
@@ -185,6 +204,75 @@ class Synthesizer:
             if progress:
                 progress(i + 1, len(pieces), seconds)
         return Speech(np.concatenate(audio), self.sample_rate, mels, pieces)
+
+    def stream(self, text: str, prompt_wav=None, prompt_text: str | None = None, seed: int | None = None,
+               options: SynthesisOptions = SynthesisOptions(), chunks: ChunkPlan = ChunkPlan()) -> Iterator[AudioChunk]:
+        """Speak ``text`` as audio chunks while it is decoded; together they are ``speak``'s audio.
+
+        Each piece is decoded frame group by frame group; once a chunk's frames and their look-ahead
+        exist, the post-net refines them and the vocoder renders the chunk on a second thread while
+        decoding goes on. Chunks follow ``chunks`` (small first, then larger). One candidate per piece:
+        picking the best of several needs them all finished. Stopping the iteration (``close()``,
+        ``break``) stops the decoding; at most the vocoder job in flight completes.
+
+        Bad input and unusable engines raise here, before the first chunk is asked for.
+        """
+        if options.candidates != 1:
+            raise ValueError(f"streaming decodes one candidate per piece, got candidates={options.candidates}")
+        if not self.manifest.has_vocoder:
+            raise EngineError(f"{self.manifest.directory} was exported without a vocoder (--vocoder none)")
+        unknown = [name for name in ("postnet", "vocoder") if self.manifest.graphs[name].context_frames is None]
+        if unknown:
+            raise EngineError(f"{self.manifest.directory} does not record the receptive field of its {unknown} "
+                              "graphs, which streaming needs: re-export it with this version of export/to_onnx.py")
+        prompt, pieces = self.plan(text, prompt_wav, prompt_text, options.strict)
+        return self._stream(pieces, prompt, prompt_text, seed, options, chunks)
+
+    def _stream(self, pieces: list[Piece], prompt: np.ndarray | None, prompt_text: str | None, seed: int | None,
+                options: SynthesisOptions, chunks: ChunkPlan) -> Iterator[AudioChunk]:
+        pending: deque[tuple[int, Future]] = deque()  # (piece, audio) in playing order: vocoder jobs and pauses
+        started = False
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vocoder") as vocoder:
+            try:
+                for i, piece in enumerate(pieces):
+                    stream = self.mel_stream(chunks, stream.chunks if i else 0)
+
+                    def submit(jobs, piece_index=i) -> None:
+                        pending.extend((piece_index, vocoder.submit(job.run, self.vocode)) for job in jobs)
+
+                    seed_i = None if seed is None else seed + i
+                    for groups in self.decoding(piece.text, prompt, prompt_text, seed_i, options):
+                        submit(stream.push(groups.reshape(-1, self.cfg.n_mels)))
+                        # The vocoder is the slower stage: decoding never runs more than a chunk ahead
+                        # of it, and not at all before the first chunk (that would only delay it).
+                        while pending and (pending[0][1].done() or not started or len(pending) > 2):
+                            started = True
+                            yield self._chunk(*pending.popleft())
+                    submit(stream.finish())
+                    if piece.pause_after:
+                        pause: Future = Future()
+                        pause.set_result(np.zeros(int(piece.pause_after * self.sample_rate), np.float32))
+                        pending.append((i, pause))
+                while pending:
+                    yield self._chunk(*pending.popleft())
+            finally:
+                for _, job in pending:
+                    job.cancel()
+
+    def _chunk(self, piece: int, audio: Future) -> AudioChunk:
+        return AudioChunk(audio.result(), self.sample_rate, piece)
+
+    def decoding(self, text: str, prompt_mel: np.ndarray | None, prompt_text: str | None, seed: int | None,
+                 options: SynthesisOptions) -> Decoding:
+        """A decode of one piece in progress, step by step (``mel`` runs one to the end)."""
+        return Decoding(self.backend, self.cfg, self.token_ids(text, prompt_mel, prompt_text), prompt_mel,
+                        options.decode_options(self.cfg, self.preset), seed)
+
+    def mel_stream(self, chunks: ChunkPlan, first_chunk: int) -> MelStream:
+        """Chunked post-net and vocoder windows for one piece, with the engine's receptive fields."""
+        graphs = self.manifest.graphs
+        return MelStream(lambda coarse: self.backend.postnet(coarse[None])[0], graphs["postnet"].context_frames,
+                         graphs["vocoder"].context_frames, self.preset.hop_length, chunks, first_chunk)
 
     def synthesize(self, text: str, prompt_wav=None, prompt_text: str | None = None, seed: int | None = None,
                    options: SynthesisOptions = SynthesisOptions()) -> tuple[np.ndarray, int]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from melle_runtime.text_pieces import PAUSE_AFTER, split_pieces
+from melle_runtime.text_pieces import PAUSE_AFTER, PAUSE_AFTER_PARAGRAPH, split_pieces, split_text
 from melle_runtime.synthesizer import SynthesisOptions, Synthesizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,6 +128,18 @@ def test_pieces_are_sentences_with_pauses_from_their_punctuation():
     assert [p.text for p in pieces] == ["One.", "Two!", "Three?", "four;", "five, six"]
     assert [p.pause_after for p in pieces] == [0.35, 0.35, 0.35, 0.25, 0.0]  # none after the last
     assert split_pieces("   ", lambda piece: True) == [] and split_pieces("... !", lambda piece: True) == []
+
+
+def test_long_text_splits_at_sentences_not_at_initials_months_or_quotations():
+    from melle.core.text import normalize_text
+
+    text = ('Mr. Smith left at 4:30 p.m. on Jan. 5th. "Stop!" he said. The U.S. team won 3.5 points.\n'
+            '  \n"It is late." Next paragraph!')
+    pieces = split_text(text, normalize_text, lambda piece: True)
+    assert [p.text for p in pieces] == ["Mister Smith left at four thirty p m on Jan. fifth.", '"Stop!" he said.',
+                                        "The U.S. team won three point five points.", '"It is late."',
+                                        "Next paragraph!"]
+    assert [p.pause_after for p in pieces] == [0.35, 0.35, PAUSE_AFTER_PARAGRAPH, 0.35, 0.0]
 
 
 def test_a_sentence_too_long_for_the_engine_splits_at_clauses_then_words():

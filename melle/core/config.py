@@ -77,6 +77,11 @@ class MelleConfig:
         """Width of one step's frame group: r frames of n_mels."""
         return self.r * self.n_mels
 
+    @property
+    def postnet_context(self) -> int:
+        """Frames on each side of a y' frame that its y'' depends on (the post-net's receptive radius)."""
+        return self.postnet_layers * (self.postnet_kernel // 2)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import numpy as np
 
@@ -91,6 +91,70 @@ def pick_best(n_groups: list[int], stopped: list[bool]) -> int:
     return min(pool, key=lambda i: (abs(n_groups[i] - median), i))
 
 
+class Decoding:
+    """One decode in progress: iterating yields each step's y' groups ``[B, frame_dim]`` as they are made.
+
+    The one loop behind ``decode`` (the whole utterance) and streaming synthesis (frames as they
+    come). Construction allocates the cache and runs the prefill; ``result()`` post-nets the
+    finished candidates. A consumer that stops iterating stops the decoding: no step runs ahead.
+    """
+
+    def __init__(self, backend: DecoderBackend, cfg: MelleConfig, text_ids: list[int],
+                 prompt_mel: np.ndarray | None = None, options: DecodeOptions = DecodeOptions(),
+                 seed: int | None = None, noise: Noise | None = None):
+        self.backend, self.cfg, self.options = backend, cfg, options
+        batch = options.candidates
+        tokens = np.array([list(text_ids) + [EOS_ID]] * batch, dtype=np.int64)
+        groups = np.repeat(prompt_groups(prompt_mel, cfg)[None], batch, axis=0)  # [B, Gp, frame_dim]
+        self.prefix = tokens.shape[1] + groups.shape[1]
+        self.max_steps = min(options.max_steps, backend.capacity - self.prefix)
+        if self.max_steps < 1:
+            raise ValueError(f"text and prompt take {self.prefix} positions, the engine holds {backend.capacity}: "
+                             "shorten the text or the prompt")
+        self.source = NoiseSource(cfg, batch, seed=seed, replay=noise)
+        backend.start(batch, self.prefix + self.max_steps)
+        self.e = backend.prefill(tokens, groups, self.source.prompt(groups.shape[1]))
+        self.outputs: list[np.ndarray] = []  # y' per step, [B, frame_dim]
+        self.stop_logits: list[np.ndarray] = []
+        self.made = [0] * batch
+        self.stopped = [False] * batch
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        threshold_logit = float(np.log(self.options.stop_threshold / (1.0 - self.options.stop_threshold)))
+        for t in range(self.max_steps):
+            masks, eps = self.source.step()
+            _, _, y, stop = self.backend.latent(self.e, eps)
+            if not (np.isfinite(y).all() and np.isfinite(stop).all()):
+                raise FloatingPointError(f"the model produced NaN/inf at step {t}: the weights are damaged or a "
+                                         "reduced-precision backend overflowed; try the FP32 backend (ort-cpu)")
+            self.outputs.append(y)
+            self.stop_logits.append(stop)
+            for b, done in enumerate(self.stopped):
+                if done:
+                    continue
+                self.made[b] = t + 1
+                if self.options.stop_enabled and t + 1 >= self.options.min_steps and stop[b] > threshold_logit:
+                    self.stopped[b] = True
+            yield y
+            if all(self.stopped) or t + 1 == self.max_steps:
+                break
+            self.e = self.backend.step(y, masks, self.prefix + t)
+        if self.options.stop_enabled and not all(self.stopped):
+            warnings.warn(f"{self.stopped.count(False)} of {len(self.stopped)} candidates reached {self.max_steps} "
+                          "steps without the stop head firing; their audio is cut there", stacklevel=2)
+
+    def coarse(self, b: int = 0) -> np.ndarray:
+        """Candidate ``b``'s y' frames so far (up to its stop), ``[frames, n_mels]``."""
+        return np.stack([y[b] for y in self.outputs[: self.made[b]]]).reshape(-1, self.cfg.n_mels)
+
+    def result(self) -> Decoded:
+        """The finished decode: every candidate post-netted, the best one picked."""
+        coarse = [self.coarse(b) for b in range(len(self.made))]
+        mels = [self.backend.postnet(c[None])[0] for c in coarse]
+        return Decoded(mels, coarse, list(self.made), list(self.stopped), np.stack(self.stop_logits, axis=1),
+                       self.source.used, pick_best(self.made, self.stopped))
+
+
 def decode(backend: DecoderBackend, cfg: MelleConfig, text_ids: list[int], prompt_mel: np.ndarray | None = None,
            options: DecodeOptions = DecodeOptions(), seed: int | None = None, noise: Noise | None = None) -> Decoded:
     """Generate mel frames for ``text_ids`` (prompt text first, EOS is appended here).
@@ -98,46 +162,7 @@ def decode(backend: DecoderBackend, cfg: MelleConfig, text_ids: list[int], promp
     ``prompt_mel [T, n_mels]`` is the acoustic prompt (continuation or cross-sentence).
     Noise comes from ``seed`` or is replayed from ``noise``; the result records what was used.
     """
-    batch = options.candidates
-    tokens = np.array([list(text_ids) + [EOS_ID]] * batch, dtype=np.int64)
-    one_prompt = prompt_groups(prompt_mel, cfg)
-    groups = np.repeat(one_prompt[None], batch, axis=0)  # [B, Gp, frame_dim]
-    prefix = tokens.shape[1] + groups.shape[1]
-    max_steps = min(options.max_steps, backend.capacity - prefix)
-    if max_steps < 1:
-        raise ValueError(f"text and prompt take {prefix} positions, the engine holds {backend.capacity}: "
-                         "shorten the text or the prompt")
-    source = NoiseSource(cfg, batch, seed=seed, replay=noise)
-    backend.start(batch, prefix + max_steps)
-    e = backend.prefill(tokens, groups, source.prompt(groups.shape[1]))
-
-    threshold_logit = float(np.log(options.stop_threshold / (1.0 - options.stop_threshold)))
-    outputs: list[np.ndarray] = []
-    stop_logits: list[np.ndarray] = []
-    made = [0] * batch
-    stopped = [False] * batch
-    for t in range(max_steps):
-        masks, eps = source.step()
-        _, _, y, stop = backend.latent(e, eps)
-        if not (np.isfinite(y).all() and np.isfinite(stop).all()):
-            raise FloatingPointError(f"the model produced NaN/inf at step {t}: the weights are damaged or a "
-                                     "reduced-precision backend overflowed; try the FP32 backend (ort-cpu)")
-        outputs.append(y)
-        stop_logits.append(stop)
-        for b in range(batch):
-            if stopped[b]:
-                continue
-            made[b] = t + 1
-            if options.stop_enabled and t + 1 >= options.min_steps and stop[b] > threshold_logit:
-                stopped[b] = True
-        if all(stopped) or t + 1 == max_steps:
-            break
-        e = backend.step(y, masks, prefix + t)
-
-    if options.stop_enabled and not all(stopped):
-        warnings.warn(f"{stopped.count(False)} of {batch} candidates reached {max_steps} steps without "
-                      "the stop head firing; their audio is cut there", stacklevel=2)
-    steps = np.stack(outputs, axis=1)  # [B, T, frame_dim]
-    coarse = [steps[b, : made[b]].reshape(made[b] * cfg.r, cfg.n_mels) for b in range(batch)]
-    mels = [backend.postnet(c[None])[0] for c in coarse]
-    return Decoded(mels, coarse, made, stopped, np.stack(stop_logits, axis=1), source.used, pick_best(made, stopped))
+    run = Decoding(backend, cfg, text_ids, prompt_mel, options, seed, noise)
+    for _ in run:
+        pass
+    return run.result()

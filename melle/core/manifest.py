@@ -57,6 +57,9 @@ class GraphEntry:
     outputs: list[TensorSpec] = field(default_factory=list)
     parity_max_abs_diff: float | None = None  # vs its PyTorch module
     e_max_abs_diff_vs_fp32: float | None = None  # INT8 step: its e vs the FP32 step's
+    # Frame graphs (post-net, vocoder): input frames on each side that one output frame depends on,
+    # so a stream can run them on chunks with this much context and match the whole utterance.
+    context_frames: int | None = None
 
     @property
     def parity(self) -> float | None:
