@@ -6,9 +6,11 @@ Each (text, mode, trial) runs in a fresh process, so peak memory (RSS high-water
 that run alone. ``whole`` is ``Synthesizer.speak`` (first audio = all of it); ``stream`` is
 ``Synthesizer.stream``: time to the first chunk, and the gapless start, the least a player must
 buffer before it starts so that no later chunk arrives after its turn to play. Streamed and whole
-audio of the same seed are compared sample by sample. ``--quality`` then streams the long text with
-and without the sample prompt and scores it with the quality harness's models: WER over the whole
-text (Whisper) and each sentence's speaker similarity to the first (resemblyzer).
+audio of the same seed are compared sample by sample. ``--quality`` then streams the long text
+without a prompt and with the sample prompt, the prompt either given to every sentence or only to
+the first (then rolling: each sentence prompted by the previous one's own frames and text), and
+scores it with the quality harness's models: WER over the whole text (Whisper) and each sentence's
+speaker similarity to the first (resemblyzer).
 Writes DIR/streaming.json and DIR/streaming.md.
 """
 
@@ -105,13 +107,16 @@ def sentence_audio(chunks) -> list[np.ndarray]:
 def score_long_text(engine: str, seed: int) -> dict:
     from melle_bench.quality import Scorer
     from melle_bench.quality_metrics import cosine, utterance_wer
-    from melle_runtime.synthesizer import Synthesizer
+    from melle_runtime.synthesizer import SynthesisOptions, Synthesizer
 
     scorer, text, results = Scorer(beam_size=1), TEXTS["paragraphs"], {}
+    joe = {"prompt_wav": PROMPT_WAV, "prompt_text": PROMPT_TEXT.read_text().strip()}
+    fixed, rolling = SynthesisOptions(), SynthesisOptions(rolling_prompt=True)
     with Synthesizer(engine) as synth:
-        for name, prompt in (("no prompt", {}), ("joe prompt", {"prompt_wav": PROMPT_WAV,
-                                                                "prompt_text": PROMPT_TEXT.read_text().strip()})):
-            sentences = sentence_audio(synth.stream(text, seed=seed, **prompt))
+        for name, prompt, options in (("no prompt", {}, fixed), ("no prompt, rolling", {}, rolling),
+                                      ("joe prompt, every sentence", joe, fixed),
+                                      ("joe prompt, then rolling", joe, rolling)):
+            sentences = sentence_audio(synth.stream(text, seed=seed, options=options, **prompt))
             wav = np.concatenate(sentences)
             hypothesis = scorer.transcribe(wav, synth.sample_rate)
             embeddings = [scorer.embed(s, synth.sample_rate) for s in sentences]

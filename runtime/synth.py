@@ -153,6 +153,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
     p.add_argument("--prompt-wav", help="voice prompt recording")
     p.add_argument("--prompt-text", help="transcript of --prompt-wav")
+    p.add_argument("--rolling-prompt", action="store_true",
+                   help="prompt each sentence after the first with the previous sentence's own speech and text "
+                        "(default: --prompt-wav prompts every sentence)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     p.add_argument("--backend", choices=BACKENDS, default="ort-cpu", help="(default: %(default)s)")
     p.add_argument("--candidates", type=int, default=1, help="sample N, keep the best (default: %(default)s)")
@@ -192,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.mel_png:
         check_output_file(args.mel_png, args.overwrite, "--mel-png")
     jobs = [stream_job(args)] if args.stream else plan_jobs(args)
-    options = SynthesisOptions(candidates=args.candidates, max_seconds=args.max_seconds, strict=args.strict)
+    options = SynthesisOptions(candidates=args.candidates, max_seconds=args.max_seconds, strict=args.strict,
+                               rolling_prompt=args.rolling_prompt)
     with Synthesizer(args.engine, backend=args.backend, threads=args.threads) as synth:
         if args.stream:
             stream_speech(synth, jobs[0], args, options)

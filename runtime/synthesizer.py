@@ -39,6 +39,10 @@ class SynthesisOptions:
     max_seconds: float = 30.0  # cap per piece; reaching it without a stop is reported
     stop_threshold: float = 0.5
     strict: bool = False  # characters the voice cannot speak are an error, not a warning
+    # Prompt each piece after the first with the previous piece's own frames and text (a rolling
+    # cross-sentence prompt) instead of the user's prompt, which then prompts the first piece only.
+    # The frames are y', what the decoder fed itself: the same bits whole or streamed.
+    rolling_prompt: bool = False
 
     def __post_init__(self) -> None:
         if self.candidates < 1:
@@ -138,20 +142,27 @@ class Synthesizer:
             raise EngineError(f"{self.manifest.directory} was exported without a vocoder (--vocoder none)")
         return self.backend.vocode(mel[None].astype(np.float32))[0]
 
-    def piece_budget(self, prompt_positions: int = 0) -> int:
-        """Most text tokens one piece may hold so that it and its speech fit the engine's capacity."""
-        frames_per_second = self.preset.sample_rate / self.preset.hop_length
-        steps_per_token = MAX_SECONDS_PER_TOKEN * frames_per_second / self.cfg.r
+    def piece_budget(self, prompt_positions: int = 0, rolling: bool = False) -> int:
+        """Most text tokens one piece may hold so that it and its speech fit the engine's capacity
+        (``rolling``: twice, once as the next piece's prompt and once as itself)."""
         free = self.backend.capacity - prompt_positions - 1  # 1: the EOS token
-        budget = int(free // (1 + steps_per_token))
+        budget = int(free // self.positions_per_token)
+        if rolling:
+            budget = min(budget, int((self.backend.capacity - 1) // (2 * self.positions_per_token)))
         if budget < MIN_PIECE_TOKENS:
             raise EngineError(f"the prompt takes {prompt_positions} of the engine's {self.backend.capacity} "
                               "positions, leaving no room for text: use a shorter prompt")
         return budget
 
-    def pieces(self, text: str, prompt_positions: int = 0) -> list[Piece]:
+    @property
+    def positions_per_token(self) -> float:
+        """Positions a text token may take with its speech (the token and its share of frame groups)."""
+        frames_per_second = self.preset.sample_rate / self.preset.hop_length
+        return 1 + MAX_SECONDS_PER_TOKEN * frames_per_second / self.cfg.r
+
+    def pieces(self, text: str, prompt_positions: int = 0, rolling: bool = False) -> list[Piece]:
         """``text`` normalised and cut into pieces that fit the engine (see melle_runtime.text_pieces)."""
-        budget = self.piece_budget(prompt_positions)
+        budget = self.piece_budget(prompt_positions, rolling)
 
         def fits(piece: str) -> bool:
             try:
@@ -171,18 +182,30 @@ class Synthesizer:
             raise UnknownSymbolError(message, chars)
         warnings.warn(message, stacklevel=3)
 
-    def plan(self, text: str, prompt_wav, prompt_text: str | None, strict: bool) -> tuple[np.ndarray | None,
-                                                                                           list[Piece]]:
+    def plan(self, text: str, prompt_wav, prompt_text: str | None, options: SynthesisOptions) -> tuple[
+            np.ndarray | None, list[Piece]]:
         """The prompt's mel (or None) and ``text`` cut into pieces that fit the engine beside it."""
-        self.check_speakable(text, strict)
+        self.check_speakable(text, options.strict)
         prompt = self.prompt_mel(prompt_wav, prompt_text) if prompt_wav is not None else None
-        prompt_positions = 0
-        if prompt is not None:
-            prompt_positions = len(self.tokenizer.encode(prompt_text, on_unknown="drop")) + len(prompt) // self.cfg.r
-        pieces = self.pieces(text, prompt_positions)
+        prompt_positions = 0 if prompt is None else self.prompt_positions(prompt, prompt_text)
+        pieces = self.pieces(text, prompt_positions, options.rolling_prompt)
         if not pieces:
             raise EmptyTextError(f"nothing to say: the text is empty or has no words ({text[:40]!r})")
         return prompt, pieces
+
+    def prompt_positions(self, prompt_mel: np.ndarray, prompt_text: str) -> int:
+        return len(self.tokenizer.encode(prompt_text, on_unknown="drop")) + len(prompt_mel) // self.cfg.r
+
+    def piece_prompt(self, piece: Piece, user_prompt: tuple[np.ndarray | None, str | None],
+                     previous: tuple[np.ndarray, str] | None, options: SynthesisOptions) -> tuple[
+            np.ndarray | None, str | None]:
+        """(mel, transcript) prompting ``piece``: with ``rolling_prompt`` the previous piece's speech and
+        text when there is one and it leaves the piece room, else the user's prompt (or none)."""
+        if not options.rolling_prompt or previous is None:
+            return user_prompt
+        needed = self.prompt_positions(*previous) + 1 + math.ceil(
+            len(self.tokenizer.encode(piece.text, on_unknown="drop")) * self.positions_per_token)
+        return previous if needed <= self.backend.capacity else user_prompt
 
     def speak(self, text: str, prompt_wav=None, prompt_text: str | None = None, seed: int | None = None,
               options: SynthesisOptions = SynthesisOptions(), progress: Progress | None = None) -> Speech:
@@ -190,15 +213,18 @@ class Synthesizer:
 
         Long text is cut into sentences, then clauses, then words, so every piece fits the engine.
         """
-        prompt, pieces = self.plan(text, prompt_wav, prompt_text, options.strict)
-        audio, mels, seconds = [], [], 0.0
+        prompt, pieces = self.plan(text, prompt_wav, prompt_text, options)
+        audio, mels, seconds, previous = [], [], 0.0, None
         for i, piece in enumerate(pieces):
+            piece_prompt, piece_prompt_text = self.piece_prompt(piece, (prompt, prompt_text), previous, options)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                decoded = self.mel(piece.text, prompt, prompt_text, None if seed is None else seed + i, options)
+                decoded = self.mel(piece.text, piece_prompt, piece_prompt_text, None if seed is None else seed + i,
+                                   options)
             for w in caught:
                 warnings.warn(f"piece {i + 1} ({piece.text[:40]!r}): {w.message}", stacklevel=2)
             mels.append(decoded.mel)
+            previous = (decoded.coarse[decoded.best], piece.text)
             audio += [self.vocode(decoded.mel), np.zeros(int(piece.pause_after * self.sample_rate), np.float32)]
             seconds += sum(len(a) for a in audio[-2:]) / self.sample_rate
             if progress:
@@ -225,16 +251,18 @@ class Synthesizer:
         if unknown:
             raise EngineError(f"{self.manifest.directory} does not record the receptive field of its {unknown} "
                               "graphs, which streaming needs: re-export it with this version of export/to_onnx.py")
-        prompt, pieces = self.plan(text, prompt_wav, prompt_text, options.strict)
-        return self._stream(pieces, prompt, prompt_text, seed, options, chunks)
+        prompt, pieces = self.plan(text, prompt_wav, prompt_text, options)
+        return self._stream(pieces, (prompt, prompt_text), seed, options, chunks)
 
-    def _stream(self, pieces: list[Piece], prompt: np.ndarray | None, prompt_text: str | None, seed: int | None,
+    def _stream(self, pieces: list[Piece], user_prompt: tuple[np.ndarray | None, str | None], seed: int | None,
                 options: SynthesisOptions, chunks: ChunkPlan) -> Iterator[AudioChunk]:
         pending: deque[tuple[int, Future]] = deque()  # (piece, audio) in playing order: vocoder jobs and pauses
         started = False
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vocoder") as vocoder:
             try:
                 for i, piece in enumerate(pieces):
+                    previous = (np.stack(stream.coarse), pieces[i - 1].text) if i else None
+                    prompt, prompt_text = self.piece_prompt(piece, user_prompt, previous, options)
                     stream = self.mel_stream(chunks, stream.chunks if i else 0)
 
                     def submit(jobs, piece_index=i) -> None:

@@ -1,5 +1,6 @@
 """Streaming synthesis: audio chunks while decoding runs, which together equal the whole utterance."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -191,6 +192,34 @@ def test_very_long_text_streams_piece_by_piece(synthesizer):
                                      SynthesisOptions(max_seconds=0.3))  # the stop head ends most pieces
     assert sorted({c.piece for c in chunks}) == list(range(len(whole.pieces))) and len(whole.pieces) >= 40
     assert np.abs(np.concatenate([c.wav for c in chunks]) - whole.wav).max() < STREAM_TOLERANCE
+
+
+def test_rolling_prompt_streams_like_the_whole_and_prompts_with_the_previous_piece(synthesizer, monkeypatch):
+    rolling = SynthesisOptions(max_seconds=0.3, stop_threshold=NO_STOP, rolling_prompt=True)
+    text = "First sentence here. Second one. Third."
+    prompts = []
+    decoding = synthesizer.decoding
+    monkeypatch.setattr(synthesizer, "decoding", lambda text, mel, prompt_text, *rest: prompts.append(
+        (None if mel is None else len(mel), prompt_text)) or decoding(text, mel, prompt_text, *rest))
+    chunks, whole = stream_and_whole(synthesizer, text, ChunkPlan(first_frames=3, max_frames=7), options=rolling)
+    assert np.abs(np.concatenate([c.wav for c in chunks]) - whole.wav).max() < STREAM_TOLERANCE
+    frames = 26  # max_seconds 0.3 at r = 1
+    assert len(whole.pieces) >= 3
+    assert prompts == [(None, None)] + [(frames, piece.text) for piece in whole.pieces[:-1]]
+    _, fixed = stream_and_whole(synthesizer, text, options=dataclasses.replace(rolling, rolling_prompt=False))
+    assert fixed.wav.shape != whole.wav.shape or np.abs(fixed.wav - whole.wav).max() > 1e-2  # prompts mattered
+
+
+def test_rolling_prompt_falls_back_when_the_previous_piece_leaves_no_room(synthesizer):
+    rolling = SynthesisOptions(rolling_prompt=True)
+    piece = synthesizer.pieces("Hello there.", rolling=True)[0]
+    user = (np.zeros((8, 80), np.float32), "a user prompt")
+    small = (np.zeros((40, 80), np.float32), "before")
+    huge = (np.zeros((synthesizer.backend.capacity, 80), np.float32), "before")
+    assert synthesizer.piece_prompt(piece, user, small, rolling) is small
+    assert synthesizer.piece_prompt(piece, user, huge, rolling) is user
+    assert synthesizer.piece_prompt(piece, user, small, SynthesisOptions()) is user
+    assert synthesizer.piece_budget(rolling=True) < synthesizer.piece_budget()
 
 
 def test_nothing_to_say_fails_before_the_first_chunk(synthesizer):
