@@ -225,6 +225,8 @@ def test_rolling_prompt_falls_back_when_the_previous_piece_leaves_no_room(synthe
 def test_nothing_to_say_fails_before_the_first_chunk(synthesizer):
     with pytest.raises(EmptyTextError):
         synthesizer.stream("  ... !! ")
+    with pytest.warns(UserWarning, match="cannot speak"), pytest.raises(EmptyTextError):
+        synthesizer.stream("\u4e16\u754c")  # only characters the voice cannot speak: not a mid-stream failure
     with pytest.raises(ValueError, match="one candidate"):
         synthesizer.stream("Hello.", options=SynthesisOptions(candidates=2))
 
