@@ -196,20 +196,30 @@ class AudioStream:
         self.loop.call_soon_threadsafe(self.messages.put_nowait, (kind, value))
 
     def produce(self) -> None:
-        """Worker thread: check the text (an error here is answered as JSON), then stream its audio."""
-        synth = self.service.synth
+        """Worker thread: check the text (an error here is answered as JSON), then stream its audio.
+
+        The request's queue slot is released here, whatever happens to the client.
+        """
+        try:
+            self._produce(self.service.synth)
+        finally:
+            self.service.release()
+
+    def _produce(self, synth: Synthesizer) -> None:
         try:
             chunks = synth.stream(self.request.input, self.voice.prompt_wav, self.voice.prompt_text, seed=0)
+            encoder = chunk_encoder(self.request.response_format, synth.sample_rate)
         except BAD_INPUT as err:
-            self._send("refused", err)
+            self._send("refused", ApiError(400, str(err), "input"))
             return
-        encoder = chunk_encoder(self.request.response_format, synth.sample_rate)
+        except Exception as err:  # noqa: BLE001 - a bug, answered as a 500 rather than a hung request
+            self._send("refused", ApiError(500, f"{type(err).__name__}: {err}", kind="server_error"))
+            return
         self._send("ready")
         samples = 0
         try:
             for chunk in chunks:
-                if self.cancelled.is_set():
-                    self._send("cancelled")
+                if self.cancelled.is_set():  # the client hung up
                     return
                 samples += len(chunk.wav)
                 self._send("audio", encoder.encode(chunk.wav))
@@ -225,7 +235,7 @@ class AudioStream:
         self.service.worker.submit(self.produce)
         kind, value = await self.messages.get()
         if kind == "refused":
-            raise ApiError(400, str(value), "input")
+            raise value
 
     async def audio(self) -> AsyncIterator[bytes]:
         """Encoded bytes as they come; ends (without the final bytes) on failure or disconnect."""
@@ -250,7 +260,6 @@ class AudioStream:
         finally:
             self.cancelled.set()  # a disconnected client's decoding stops at its next chunk
             metrics.requests.labels(self.outcome).inc()
-            self.service.release()
 
     async def events(self) -> AsyncIterator[bytes]:
         """The audio as OpenAI's server-sent events."""
@@ -296,11 +305,7 @@ def create_app(service: SpeechService, load_in_background: bool = True) -> FastA
         voice = service.check(request)
         service.admit()
         stream = AudioStream(service, request, voice)
-        try:
-            await stream.start()
-        except ApiError:
-            service.release()
-            raise
+        await stream.start()
         headers = {"Cache-Control": "no-cache"}
         if request.stream_format == "sse":
             return StreamingResponse(stream.events(), media_type="text/event-stream", headers=headers)
