@@ -211,31 +211,29 @@ def stream_speech(synth: Synthesizer, job: Job, args: argparse.Namespace, option
     chunks = synth.stream(job.text, args.prompt_wav, args.prompt_text, seed=args.seed, options=options)
     sink = RawPcmStream() if job.target == Path(RAW_PCM) else None
     samples, first_audio = 0, None
-    bar = tqdm(desc="streaming", unit="s", bar_format="{desc}: {n:.1f} s of audio [{elapsed}]", file=sys.stderr)
     try:
-        for chunk in chunks:
-            if sink is None:  # opened with the first chunk: bad input leaves no empty file behind
-                sink = WavStream(job.target, chunk.sample_rate)
-            sink.write(chunk.wav)
-            first_audio = first_audio or time.perf_counter() - began
-            samples += len(chunk.wav)
-            bar.update(len(chunk.wav) / chunk.sample_rate)
+        with tqdm(desc="streaming", unit="s", bar_format="{desc}: {n:.1f} s of audio [{elapsed}]",
+                  file=sys.stderr) as bar:
+            for chunk in chunks:
+                if sink is None:  # opened with the first chunk: bad input leaves no empty file behind
+                    sink = WavStream(job.target, chunk.sample_rate)
+                sink.write(chunk.wav)
+                first_audio = first_audio or time.perf_counter() - began
+                samples += len(chunk.wav)
+                bar.update(len(chunk.wav) / chunk.sample_rate)
     except BrokenPipeError:
         silence_closed_stdout()
-        bar.close()
         print(f"stdout was closed by its reader: stopped after {samples / synth.sample_rate:.2f} s of audio",
               file=sys.stderr)
         return
     except KeyboardInterrupt:
-        bar.close()
         kept = f"; {sink.describe()} holds the first {samples / synth.sample_rate:.2f} s" if sink else ""
         print(f"interrupted{kept}", file=sys.stderr)
-        raise
+        raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports it
     finally:
         chunks.close()
         if sink is not None:
             sink.close()
-    bar.close()
     elapsed, seconds = time.perf_counter() - began, samples / synth.sample_rate
     print(f"streamed {seconds:.2f} s of audio to {sink.describe()} in {elapsed:.2f} s (first audio after "
           f"{first_audio:.2f} s, RTF {elapsed / seconds:.3f})", file=sys.stderr)

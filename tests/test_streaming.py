@@ -2,9 +2,11 @@
 
 import dataclasses
 import json
+import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -338,6 +340,23 @@ def test_cli_stream_stops_when_the_player_goes_away(voiced_engine):
     player.stdout.close()
     _, err = player.communicate(timeout=600)
     assert player.returncode == 0 and b"stdout was closed by its reader" in err and b"Traceback" not in err
+
+
+def test_cli_stream_interrupted_keeps_a_valid_wav_of_what_was_made(voiced_engine, tmp_path):
+    out = tmp_path / "long.wav"
+    run = subprocess.Popen([sys.executable, "runtime/synth.py", "--engine", str(voiced_engine), "--text",
+                            "One more sentence. " * 300, "--out", str(out), "--stream"], cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for _ in range(1200):
+        if out.exists() and sf.info(out).frames > 0:
+            break
+        time.sleep(0.05)
+    assert run.poll() is None, "the stream ended before it could be interrupted"
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and b"interrupted; " in err and b"Traceback" not in err
+    audio, rate = sf.read(out)
+    assert rate == 22050 and len(audio) > 0
 
 
 def test_wav_stream_is_a_complete_file_after_every_chunk(tmp_path):
