@@ -188,17 +188,21 @@ class Synthesizer:
         self.check_speakable(text, options.strict)
         prompt = self.prompt_mel(prompt_wav, prompt_text) if prompt_wav is not None else None
         prompt_positions = 0 if prompt is None else self.prompt_positions(prompt, prompt_text)
-        # A piece of only unspeakable characters (already warned about) would fail mid-stream.
-        pieces = [p for p in self.pieces(text, prompt_positions, options.rolling_prompt) if self.speakable(p.text)]
-        if not pieces:
-            raise EmptyTextError(f"nothing to say: the text is empty or has no words ({text[:40]!r})")
-        return prompt, pieces
+        return prompt, self.speakable(self.pieces(text, prompt_positions, options.rolling_prompt), text)
 
-    def speakable(self, text: str) -> bool:
-        try:
-            return bool(self.tokenizer.encode(text, on_unknown="drop"))
-        except EmptyTextError:
-            return False
+    def speakable(self, pieces: list[Piece], text: str) -> list[Piece]:
+        """``pieces`` without those of only unspeakable characters (already warned about), which
+        would fail mid-stream; none left is an error naming what was dropped."""
+        kept, why = [], None
+        for piece in pieces:
+            try:
+                if self.tokenizer.encode(piece.text, on_unknown="drop"):
+                    kept.append(piece)
+            except EmptyTextError as err:
+                why = err
+        if not kept:
+            raise why or EmptyTextError(f"nothing to say: the text is empty or has no words ({text[:40]!r})")
+        return kept
 
     def prompt_positions(self, prompt_mel: np.ndarray, prompt_text: str) -> int:
         return len(self.tokenizer.encode(prompt_text, on_unknown="drop")) + len(prompt_mel) // self.cfg.r

@@ -131,7 +131,7 @@ def test_a_registered_voice_prompts_the_speech(client):
     ({"response_format": "ogg"}, "response_format", "unknown response_format"),
     ({"speed": 1.5}, "speed", "not supported"),
     ({"model": "gpt-5"}, "model", "unknown model"),
-    ({"input": "\u4e16\u754c"}, "input", "nothing to say"),
+    ({"input": "\u4e16\u754c"}, "input", "nothing speakable"),
 ])
 def test_bad_requests_get_openai_shaped_400s(client, change, param, words):
     request = {"model": "melle", "input": "Hello.", "voice": "demo", "response_format": "wav", **change}
