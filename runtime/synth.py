@@ -80,14 +80,13 @@ class PieceProgress:
             self.bar.close()
 
 
-def read_lines(args) -> list[tuple[int, str]]:
-    """(line number, text) of each non-blank line of --text-file or stdin."""
+def read_input(args) -> str:
+    """All of --text-file or stdin, as UTF-8 text."""
     try:
         if args.text_file:
             with open(args.text_file, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        else:
-            lines = sys.stdin.read().splitlines()
+                return f.read()
+        return sys.stdin.read()
     except FileNotFoundError:
         raise UserError(f"--text-file {args.text_file} does not exist") from None
     except IsADirectoryError:
@@ -96,7 +95,11 @@ def read_lines(args) -> list[tuple[int, str]]:
         source = args.text_file or "stdin"
         raise UserError(f"{source} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
                         "save it as UTF-8") from None
-    return [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip()]
+
+
+def read_lines(args) -> list[tuple[int, str]]:
+    """(line number, text) of each non-blank line of --text-file or stdin."""
+    return [(n, line.strip()) for n, line in enumerate(read_input(args).splitlines(), 1) if line.strip()]
 
 
 def stream_job(args) -> Job:
@@ -104,8 +107,8 @@ def stream_job(args) -> Job:
     if args.text is not None:
         text = args.text
     else:
-        text = "\n".join(line for _, line in read_lines(args))
-        if not text:
+        text = read_input(args)  # as written: blank lines between paragraphs give longer pauses
+        if not text.strip():
             raise EmptyTextError(f"no text given: {args.text_file or 'stdin'} has no non-blank line; "
                                  "pass --text, --text-file or text on stdin")
     out = args.out or DEFAULT_OUT

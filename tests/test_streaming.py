@@ -305,11 +305,16 @@ def test_cli_stream_writes_the_same_audio_as_whole_synthesis(voiced_engine, tmp_
 
 
 def test_cli_stream_reads_a_whole_text_file_as_one_text(voiced_engine, tmp_path):
-    (tmp_path / "story.txt").write_text("First line.\n\nSecond line.\n")
+    story = "First line.\n\nSecond line.\n"  # two paragraphs: the longer pause between them
+    (tmp_path / "story.txt").write_text(story)
     done = synth("--engine", voiced_engine, "--text-file", tmp_path / "story.txt", "--out", tmp_path / "s.wav",
                  "--stream")
     assert done.returncode == 0, done.stderr.decode()
-    assert sf.info(tmp_path / "s.wav").frames > 0 and not (ROOT / "synth_out").exists()
+    assert not (ROOT / "synth_out").exists()
+    streamed, _ = sf.read(tmp_path / "s.wav", dtype="int16")
+    with Synthesizer(voiced_engine) as whole:
+        expected = whole.synthesize(story, seed=0)[0]
+    assert streamed.shape == expected.shape and np.abs(streamed / 32768 - expected).max() < 2 / 32768
 
 
 @pytest.mark.parametrize("args, message", [
