@@ -17,6 +17,7 @@ from torch import nn
 from melle.core.config import MelleConfig
 from melle.core.kv_names import past_names, present_names
 from melle.model import Melle
+from melle.vocoder import HifiganConfig, context_frames
 from melle.core.noise import dropout_masks
 
 
@@ -133,13 +134,15 @@ def model_graphs(model: Melle) -> list[GraphSpec]:
     return [prefill, step, latent, postnet]
 
 
-def vocoder_graph(generator: nn.Module, n_mels: int, context_frames: int) -> GraphSpec:
+def vocoder_graph(generator: nn.Module, config: HifiganConfig) -> GraphSpec:
+    """The vocoder graph of a HiFi-GAN ``generator`` built from ``config`` (mels in, receptive field)."""
+    n_mels = config.num_mels
     return GraphSpec(
         "vocoder", Vocoder(generator), ["mel"], ["wav"],
         {"mel": {0: "batch", 1: "frames"}, "wav": {0: "batch", 1: "samples"}},
         # Log-mel values in the vocoder's usual range.
         lambda rng: [(rng.standard_normal((1, 24, n_mels)) * 2 - 6).astype(np.float32)],
-        context_frames=context_frames,
+        context_frames=context_frames(config),
     )
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from melle.checkpoint import CheckpointError, load_checkpoint
 from melle.core.cli import ExitCode, run_cli
 from melle.core.fileio import atomic_dir, check_output_dir
-from melle.vocoder import VocoderError, context_frames, load_hifigan, mel_preset_of
+from melle.vocoder import VocoderError, load_hifigan, mel_preset_of
 from melle_export.graphs import GraphSpec, export_graph, model_graphs, run_torch, vocoder_graph
 from melle.core.manifest import (EngineManifest, GraphEntry, TensorSpec, engine_entries, read_manifest,
                                     sha256_of, write_manifest)
@@ -114,7 +114,7 @@ def export(ckpt: str | Path, out: str | Path, vocoder: str = "hifigan-universal"
     if vocoder != "none":
         generator, voc_cfg = load_hifigan(vocoder)
         check_vocoder_pairing(mel_preset_of(voc_cfg), cfg.mel_preset, vocoder)
-        specs.append(vocoder_graph(generator, cfg.n_mels, context_frames(voc_cfg)))
+        specs.append(vocoder_graph(generator, voc_cfg))
     metadata = {"melle_config": json.dumps(cfg.to_dict()), "mel_preset": cfg.mel_preset}
 
     out = Path(out)

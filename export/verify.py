@@ -28,7 +28,7 @@ from melle.core.cli import ExitCode, UserError, run_cli
 from melle.core.decoding import DecodeOptions, decode
 from melle.generate import TorchBackend, generate
 from melle.core.kv_names import is_past
-from melle.vocoder import context_frames, load_hifigan
+from melle.vocoder import load_hifigan
 from melle_export.fp16_check import relative_error
 from melle_export.graphs import model_graphs, run_torch, vocoder_graph
 from melle_export.to_onnx import GRAPH_TOLERANCE, VOCODER_TOLERANCE, max_abs_diff, ort_run
@@ -56,8 +56,7 @@ def engine_specs(manifest, model) -> dict:
     """Graph specs by name for every graph in the engine (the vocoder when it has one)."""
     specs = {s.name: s for s in model_graphs(model)}
     if manifest.has_vocoder:
-        generator, voc_cfg = load_hifigan(manifest.vocoder)
-        specs["vocoder"] = vocoder_graph(generator, model.cfg.n_mels, context_frames(voc_cfg))
+        specs["vocoder"] = vocoder_graph(*load_hifigan(manifest.vocoder))
     return specs
 
 
