@@ -14,12 +14,12 @@ import numpy as np
 
 from melle_bench.latency_workload import Model
 
-BACKENDS = ("torch-nocache", "torch-cache", "ort-cpu", "ort-cpu-int8", "ort-cuda", "trt")
-TORCH_BACKENDS = ("torch-nocache", "torch-cache")
-GPU_BACKENDS = ("ort-cuda", "trt")
+BACKENDS = ("torch-nocache", "torch-cache", "torch-cuda", "ort-cpu", "ort-cpu-int8", "ort-cuda", "trt")
+TORCH_BACKENDS = ("torch-nocache", "torch-cache", "torch-cuda")
+GPU_BACKENDS = ("torch-cuda", "ort-cuda", "trt")
 # The vocoder each backend is paired with (the synth CLI's choice): one timing per runtime.
-VOCODER_RUNTIME = {"torch-nocache": "torch-cache", "torch-cache": "torch-cache", "ort-cpu": "ort-cpu",
-                   "ort-cpu-int8": "ort-cpu", "ort-cuda": "ort-cuda", "trt": "ort-cuda"}
+VOCODER_RUNTIME = {"torch-nocache": "torch-cache", "torch-cache": "torch-cache", "torch-cuda": "torch-cuda",
+                   "ort-cpu": "ort-cpu", "ort-cpu-int8": "ort-cpu", "ort-cuda": "ort-cuda", "trt": "ort-cuda"}
 VOCODER = "hifigan-universal"
 
 
@@ -47,17 +47,29 @@ def unavailable(backend: str) -> str | None:
     return None
 
 
-def torch_vocoder() -> Callable[[np.ndarray], np.ndarray]:
-    """The PyTorch HiFi-GAN as mel ``[frames, n_mels]`` -> waveform."""
+def torch_device(backend: str) -> str:
+    """Where a torch backend runs; the CUDA one says so plainly when this torch cannot reach a GPU."""
+    if backend != "torch-cuda":
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"torch-cuda needs a CUDA build of torch that sees a GPU; torch {torch.__version__} "
+                           "does not (the CPU build cannot)")
+    return "cuda"
+
+
+def torch_vocoder(device: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The PyTorch HiFi-GAN on ``device`` as mel ``[frames, n_mels]`` -> waveform."""
     from melle.vocoder import load_hifigan, numpy_vocoder
 
-    return numpy_vocoder(load_hifigan(VOCODER)[0])
+    return numpy_vocoder(load_hifigan(VOCODER)[0].to(device))
 
 
 def open_vocoder(backend: str, engine: str) -> Callable[[np.ndarray], np.ndarray]:
     """The vocoder ``backend`` is paired with: PyTorch for torch backends, the engine's graph otherwise."""
     if backend in TORCH_BACKENDS:
-        return torch_vocoder()
+        return torch_vocoder(torch_device(backend))
     from melle.core.manifest import read_manifest
     from melle_runtime.ort_backend import available_providers, make_session
 
@@ -72,7 +84,7 @@ def open_backend(backend: str, model: Model):
         from melle.checkpoint import load_checkpoint
         from melle.generate import NoCacheTorchBackend, TorchBackend  # imports torch: only in its own processes
 
-        net = load_checkpoint(model.checkpoint)
+        net = load_checkpoint(model.checkpoint, device=torch_device(backend))
         return (NoCacheTorchBackend(net) if backend == "torch-nocache" else TorchBackend(net)), net.cfg
     from melle.core.manifest import read_manifest
     from melle_runtime.synthesizer import make_backend

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from melle_bench.latency_backends import VOCODER_RUNTIME
+from melle_bench.latency_backends import GPU_BACKENDS, VOCODER_RUNTIME
 
 RATIO_POSITION = 1000  # where per-step speed-ups are read (or the largest position both timed)
-SPEEDUPS = (("ort-cpu", "torch-cache"), ("ort-cpu-int8", "ort-cpu"), ("torch-cache", "torch-nocache"))
+SPEEDUPS = (("ort-cpu", "torch-cache"), ("ort-cpu-int8", "ort-cpu"), ("torch-cache", "torch-nocache"),
+            ("torch-cuda", "torch-cache"))
 
 
 def measured(entry: dict | None) -> bool:
@@ -43,7 +44,9 @@ def cost_growth(report: dict) -> list[dict]:
             row = {"preset": preset, "backend": backend, "from_position": int(lo), "to_position": int(hi),
                    "from_ms": t_lo, "to_ms": t_hi, "extra_ms": t_hi - t_lo,
                    "exponent": math.log(t_hi / t_lo) / math.log(int(hi) / int(lo))}
-            if backend != "torch-nocache":  # a cached step reads the past once more per position
+            # A cached step reads the past once more per position; on a GPU it reads device memory,
+            # whose bandwidth the host measurement says nothing about.
+            if backend != "torch-nocache" and backend not in GPU_BACKENDS:
                 extra = (int(hi) - int(lo)) * report["models"][preset][r0]["kv_bytes_per_position"]
                 row.update(extra_cache_mb=extra / 1e6, read_floor_ms=1e3 * extra / (bandwidth * 1e9))
             rows.append(row)

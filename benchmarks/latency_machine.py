@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -41,11 +43,20 @@ def memory_bandwidth(megabytes: int = 512, repeats: int = 3) -> float:
     return data.nbytes / best / 1e9
 
 
+def gpu_names() -> list[str]:
+    """The NVIDIA GPUs nvidia-smi lists (empty without one)."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    listing = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True)
+    return [line.strip() for line in listing.stdout.splitlines() if line.strip()] if listing.returncode == 0 else []
+
+
 def machine_info() -> dict:
-    """CPU, cores, platform, versions, thread variables, load average and memory bandwidth."""
+    """CPU, cores, GPUs, platform, versions, thread variables, load average and memory bandwidth."""
     import onnxruntime
 
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpus": gpu_names(), "platform": platform.platform(),
             "python": platform.python_version(),
             "versions": {"torch": package_version("torch"), "onnxruntime": onnxruntime.__version__,
                          "numpy": np.__version__},

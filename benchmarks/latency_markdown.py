@@ -156,8 +156,9 @@ def render_markdown(report: dict) -> str:
     env = " ".join(f"{k}={v}" for k, v in m["env"].items() if v)
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     vocoders = ", ".join(f"{k} {fmt(v['seconds'])} s" for k, v in report["vocoder_10s"].items() if "seconds" in v)
+    gpus = "".join(f", {name}" for name in m.get("gpus", []))  # reports before GPUs were recorded lack the key
     lines = ["# Latency benchmark", "",
-             f"{m['cpu']}, {m['cores']} cores; {versions}; {env}; memory read {m['memory_read_gbs']:.1f} GB/s; "
+             f"{m['cpu']}, {m['cores']} cores{gpus}; {versions}; {env}; memory read {m['memory_read_gbs']:.1f} GB/s; "
              f"load average at start {m['load_average_at_start']:.2f}.", ""]
     lines += [f"- {note}" for note in report["notes"]] + [""]
     if vocoders:

@@ -240,10 +240,14 @@ def load_hifigan(path_or_name: str) -> tuple[Generator, HifiganConfig]:
 
 
 def numpy_vocoder(generator: Generator):
-    """Wrap ``generator`` as log-mel ``[frames, n_mels]`` (numpy, frames first) -> waveform ``[samples]``."""
+    """Wrap ``generator`` as log-mel ``[frames, n_mels]`` (numpy, frames first) -> waveform ``[samples]``.
+
+    The mel goes to the generator's device and the waveform comes back to the host.
+    """
+    device = next(generator.parameters()).device
 
     @torch.inference_mode()
     def vocode(mel):
-        return generator(torch.from_numpy(mel.T[None].copy()))[0, 0].numpy()
+        return generator(torch.from_numpy(mel.T[None].copy()).to(device))[0, 0].cpu().numpy()
 
     return vocode

@@ -13,7 +13,7 @@ from melle.core.decoding import DecodeOptions, decode
 from melle.generate import NoCacheTorchBackend, TorchBackend
 from melle_bench.latency_figures import speedups
 
-BACKENDS = ["torch-nocache", "torch-cache", "ort-cpu", "ort-cpu-int8", "ort-cuda", "trt"]
+BACKENDS = ["torch-nocache", "torch-cache", "torch-cuda", "ort-cpu", "ort-cpu-int8", "ort-cuda", "trt"]
 RS = [1, 2]
 
 
@@ -34,7 +34,7 @@ def test_every_requested_entry_is_there_or_says_why_not(run):
     entries = report["results"]["tiny"]
     assert list(entries) == BACKENDS
     for backend, entry in entries.items():
-        if "skipped" in entry:  # ort-cuda and trt without a GPU
+        if "skipped" in entry:  # torch-cuda, ort-cuda and trt without a GPU
             assert isinstance(entry["skipped"], str) and entry["skipped"]
             continue
         assert set(entry["step"]["prefix"]) == {"16", "64"}
