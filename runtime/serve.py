@@ -1,7 +1,7 @@
 """An OpenAI-compatible speech server over the runtime: ``POST /v1/audio/speech`` and friends.
 
     python -m melle_runtime.serve --engine engines/demo [--host 127.0.0.1 --port 8000] [--voices DIR]
-        [--max-queue 8] [--max-chars 4096]
+        [--max-queue 8] [--max-chars 4096] [--threads N]
 
 Speech is streamed as it is made (``Synthesizer.stream``): as raw bytes of ``response_format``
 (``stream_format="audio"``) or as server-sent events (``"sse"``: ``speech.audio.delta`` events
@@ -13,6 +13,9 @@ audio flows ends the stream without its final bytes and is counted in ``/metrics
 
 Voices: ``demo`` (the engine's own voice, no prompt) and, with ``--voices DIR``, one voice per
 ``NAME.wav`` with its transcript in ``NAME.txt``, listed by ``GET /v1/audio/voices``.
+
+The app is built from :class:`ServerSettings` by :func:`build_app`, here behind uvicorn and in
+``melle_runtime.serve_ray`` once per Ray Serve replica.
 """
 
 from __future__ import annotations
@@ -116,8 +119,8 @@ class SpeechService:
     """The engine, its voices and the one worker thread that decodes, with a bounded queue."""
 
     def __init__(self, engine: str | Path, voices: dict[str, Voice], backend: str = "ort-cpu",
-                 max_queue: int = 8, max_chars: int = 4096):
-        self.engine, self.backend, self.voices = engine, backend, voices
+                 max_queue: int = 8, max_chars: int = 4096, threads: int | None = None):
+        self.engine, self.backend, self.voices, self.threads = engine, backend, voices, threads
         self.max_queue, self.max_chars = max_queue, max_chars
         self.synth: Synthesizer | None = None  # set once loaded and warmed up
         self.load_error: str | None = None  # why loading failed, if it did
@@ -129,7 +132,7 @@ class SpeechService:
     def load(self) -> None:
         """Load the engine, check every voice's prompt and run one synthesis (on the worker thread)."""
         try:
-            synth = Synthesizer(self.engine, backend=self.backend)
+            synth = Synthesizer(self.engine, backend=self.backend, threads=self.threads)
             for voice in self.voices.values():
                 if voice.prompt_wav is not None:
                     synth.prompt_mel(voice.prompt_wav, voice.prompt_text)
@@ -336,8 +339,20 @@ def create_app(service: SpeechService, load_in_background: bool = True) -> FastA
     return app
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@dataclass(frozen=True)
+class ServerSettings:
+    """What the app is built from. Paths are absolute: a Ray replica may start in another directory."""
+
+    engine: Path
+    voices: dict[str, Voice]
+    backend: str = "ort-cpu"
+    max_queue: int = 8  # requests decoding or waiting; more get 429
+    max_chars: int = 4096  # longest input accepted
+    threads: int | None = None  # ONNX Runtime intra-op threads; None: one per core
+
+
+def add_server_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every way of serving shares (uvicorn here, Ray Serve in serve_ray)."""
     p.add_argument("--engine", required=True, help="engine directory with a vocoder (export/to_onnx.py)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -345,15 +360,36 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="ort-cpu")
     p.add_argument("--max-queue", type=int, default=8, help="requests decoding or waiting; more get 429")
     p.add_argument("--max-chars", type=int, default=4096, help="longest input accepted")
-    args = p.parse_args(argv)
-    for option, value in (("--max-queue", args.max_queue), ("--max-chars", args.max_chars)):
-        if value < 1:
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads per engine (default: one per core)")
+
+
+def server_settings(p: argparse.ArgumentParser, args: argparse.Namespace) -> ServerSettings:
+    """Checked settings: bad limits are usage errors, a missing engine or voice an error before serving."""
+    limits = {"--max-queue": args.max_queue, "--max-chars": args.max_chars, "--threads": args.threads}
+    for option, value in limits.items():
+        if value is not None and value < 1:
             p.error(f"{option} must be at least 1, got {value}")
+    engine = Path(args.engine).resolve()
+    read_manifest(engine)  # a missing or damaged engine is an error before the server starts
+    voices = load_voices(Path(args.voices).resolve() if args.voices else None)
+    return ServerSettings(engine, voices, args.backend, args.max_queue, args.max_chars, args.threads)
+
+
+def build_app(settings: ServerSettings, load_in_background: bool = True) -> FastAPI:
+    """A new service over ``settings`` and its app; each call loads its own engine at startup."""
+    service = SpeechService(settings.engine, settings.voices, settings.backend, settings.max_queue,
+                            settings.max_chars, settings.threads)
+    return create_app(service, load_in_background)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_server_arguments(p)
+    args = p.parse_args(argv)
+    settings = server_settings(p, args)
     import uvicorn
 
-    read_manifest(args.engine)  # a missing or damaged engine is an error before the server starts
-    service = SpeechService(args.engine, load_voices(args.voices), args.backend, args.max_queue, args.max_chars)
-    uvicorn.run(create_app(service), host=args.host, port=args.port)
+    uvicorn.run(build_app(settings), host=args.host, port=args.port)
 
 
 def cli() -> None:
