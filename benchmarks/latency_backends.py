@@ -14,12 +14,16 @@ import numpy as np
 
 from melle_bench.latency_workload import Model
 
-BACKENDS = ("torch-nocache", "torch-cache", "torch-cuda", "ort-cpu", "ort-cpu-int8", "ort-cuda", "trt")
+BACKENDS = ("torch-nocache", "torch-cache", "torch-cuda", "ort-cpu", "ort-cpu-int8", "ort-cpu-gqa",
+            "ort-cpu-gqa-int8", "ort-cuda", "trt")
 TORCH_BACKENDS = ("torch-nocache", "torch-cache", "torch-cuda")
 GPU_BACKENDS = ("torch-cuda", "ort-cuda", "trt")
+# Backends of the GroupQueryAttention engine (to_onnx.py --attention gqa): the runtime backend each opens.
+GQA_BACKENDS = {"ort-cpu-gqa": "ort-cpu", "ort-cpu-gqa-int8": "ort-cpu-int8"}
 # The vocoder each backend is paired with (the synth CLI's choice): one timing per runtime.
 VOCODER_RUNTIME = {"torch-nocache": "torch-cache", "torch-cache": "torch-cache", "torch-cuda": "torch-cuda",
-                   "ort-cpu": "ort-cpu", "ort-cpu-int8": "ort-cpu", "ort-cuda": "ort-cuda", "trt": "ort-cuda"}
+                   "ort-cpu": "ort-cpu", "ort-cpu-int8": "ort-cpu", "ort-cpu-gqa": "ort-cpu",
+                   "ort-cpu-gqa-int8": "ort-cpu", "ort-cuda": "ort-cuda", "trt": "ort-cuda"}
 VOCODER = "hifigan-universal"
 
 
@@ -89,5 +93,5 @@ def open_backend(backend: str, model: Model):
     from melle.core.manifest import read_manifest
     from melle_runtime.synthesizer import make_backend
 
-    manifest = read_manifest(model.engine)
-    return make_backend(manifest, backend), manifest.config
+    manifest = read_manifest(model.engine_gqa if backend in GQA_BACKENDS else model.engine)
+    return make_backend(manifest, GQA_BACKENDS.get(backend, backend)), manifest.config

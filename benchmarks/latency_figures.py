@@ -9,7 +9,8 @@ from melle_bench.latency_backends import GPU_BACKENDS, VOCODER_RUNTIME
 
 RATIO_POSITION = 1000  # where per-step speed-ups are read (or the largest position both timed)
 SPEEDUPS = (("ort-cpu", "torch-cache"), ("ort-cpu-int8", "ort-cpu"), ("torch-cache", "torch-nocache"),
-            ("torch-cuda", "torch-cache"))
+            ("torch-cuda", "torch-cache"), ("ort-cpu-gqa", "ort-cpu"), ("ort-cpu-gqa-int8", "ort-cpu"),
+            ("ort-cpu-gqa-int8", "ort-cpu-int8"))
 
 
 def measured(entry: dict | None) -> bool:

@@ -22,27 +22,30 @@ def plan_models(presets: list[str], settings: Settings, cache: Path) -> dict[str
             cfg = MelleConfig(**{**PRESETS[preset], "r": r})
             longest = Workload.make(cfg, settings).positions(max(TABLE5_SECONDS, settings.batch_seconds))
             directory = cache / f"{preset}-r{r}-seed{settings.seed}"
-            plan[preset][r] = Model(preset, r, max(cfg.max_len, longest),
-                                    r == settings.rs[0], str(directory / "checkpoint"), str(directory / "engine"))
+            plan[preset][r] = Model(preset, r, max(cfg.max_len, longest), r == settings.rs[0],
+                                    str(directory / "checkpoint"), str(directory / "engine"),
+                                    str(directory / "engine-gqa"))
     return plan
 
 
 
-def prepare(models: list[Model], seed: int, onnx: bool, int8: bool, batch_max: int) -> None:
-    """Write each model's checkpoint (and engine when ``onnx``) unless the cache already holds it."""
+def prepare(models: list[Model], seed: int, onnx: bool, int8: bool, gqa: bool, batch_max: int) -> None:
+    """Write each model's checkpoint (engines when ``onnx``, the GQA one too when ``gqa``) unless cached."""
     from melle.checkpoint import save_checkpoint
     from melle.init import random_model
     from melle_export.to_onnx import export
 
     for m in tqdm(models, desc="models", position=1, leave=False):
-        if is_cached(m, onnx, int8):
+        if is_cached(m, onnx, int8, gqa):
             continue
         save_checkpoint(m.checkpoint, random_model(m.preset, seed, r=m.r, max_len=m.max_len))
         if onnx:
             export(m.checkpoint, m.engine, vocoder=VOCODER if m.vocoder else "none", batch_max=batch_max, int8=int8)
+        if gqa:
+            export(m.checkpoint, m.engine_gqa, vocoder="none", batch_max=batch_max, int8=int8, attention="gqa")
 
 
-def is_cached(model: Model, onnx: bool, int8: bool) -> bool:
+def is_cached(model: Model, onnx: bool, int8: bool, gqa: bool) -> bool:
     """Whether the cache holds this model with the sizes the presets say now and every graph needed."""
     expected = {**PRESETS[model.preset], "r": model.r, "max_len": model.max_len}
     config_file = Path(model.checkpoint) / "config.json"
@@ -54,9 +57,11 @@ def is_cached(model: Model, onnx: bool, int8: bool) -> bool:
 
     try:
         graphs = read_manifest(model.engine, verify=False).graphs  # loading verifies the checksums
+        gqa_graphs = read_manifest(model.engine_gqa, verify=False).graphs if gqa else {}
     except EngineError:
         return False
-    return (not int8 or "decoder_step_int8" in graphs) and (not model.vocoder or "vocoder" in graphs)
+    return ((not int8 or "decoder_step_int8" in graphs) and (not model.vocoder or "vocoder" in graphs)
+            and (not gqa or not int8 or "decoder_step_int8" in gqa_graphs))
 
 
 def describe_model(model: Model) -> dict:

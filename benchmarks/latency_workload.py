@@ -71,7 +71,7 @@ class Settings:
 
 @dataclass(frozen=True)
 class Model:
-    """One random-initialised (preset, r): where its checkpoint and ONNX engine live."""
+    """One random-initialised (preset, r): where its checkpoint and ONNX engines live."""
 
     preset: str
     r: int
@@ -79,6 +79,7 @@ class Model:
     vocoder: bool  # export the vocoder graph into this engine
     checkpoint: str
     engine: str
+    engine_gqa: str  # the same weights exported with --attention gqa (vocoder: the standard engine's)
 
     def config(self) -> MelleConfig:
         """The model's configuration, read from its checkpoint."""

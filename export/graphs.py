@@ -88,6 +88,7 @@ class GraphSpec:
     dynamic_axes: dict[str, dict[int, str]]
     example: Callable[[np.random.Generator], list[np.ndarray]]  # inputs for tracing and parity
     context_frames: int | None = None  # frame graphs: receptive radius in frames (manifest, streaming)
+    custom_opsets: dict[str, int] | None = None  # non-standard op domains the graph uses (ORT contrib ops)
 
 
 def _past(cfg: MelleConfig, rng: np.random.Generator, batch: int, length: int) -> list[np.ndarray]:
@@ -153,7 +154,7 @@ def export_graph(spec: GraphSpec, path, opset: int) -> None:
     with torch.no_grad():
         torch.onnx.export(spec.module, tuple(example), str(path), input_names=spec.inputs,
                           output_names=spec.outputs, dynamic_axes=spec.dynamic_axes, opset_version=opset,
-                          dynamo=False, do_constant_folding=True)
+                          dynamo=False, do_constant_folding=True, custom_opsets=spec.custom_opsets)
 
 
 def run_torch(spec: GraphSpec, inputs: list[np.ndarray]) -> list[np.ndarray]:

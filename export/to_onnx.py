@@ -1,10 +1,13 @@
 """Export a MELLE checkpoint to step-wise ONNX graphs plus ``manifest.json``.
 
     python export/to_onnx.py CKPT_DIR --out ENGINE_DIR [--vocoder hifigan-universal|PATH|none]
+        [--int8] [--attention standard|gqa]
 
 Writes prefill, decoder_step (KV cache as input, position as input), latent_head,
 postnet and vocoder graphs; checks each with ``onnx.checker`` (full check) and
 against its PyTorch module in ONNX Runtime; records the figures in the manifest.
+``--attention gqa`` builds prefill and step on ONNX Runtime's fused GroupQueryAttention over a
+cache shared between past and present (``melle_export.gqa_graphs``): faster on CPU, ORT only.
 Everything is built in a temporary directory and renamed into place at the end.
 """
 
@@ -26,9 +29,10 @@ from melle.checkpoint import CheckpointError, load_checkpoint
 from melle.core.cli import ExitCode, run_cli
 from melle.core.fileio import atomic_dir, check_output_dir
 from melle.vocoder import VocoderError, load_hifigan, mel_preset_of
+from melle_export.gqa_graphs import gqa_model_graphs
 from melle_export.graphs import GraphSpec, export_graph, model_graphs, run_torch, vocoder_graph
-from melle.core.manifest import (EngineManifest, GraphEntry, TensorSpec, engine_entries, read_manifest,
-                                    sha256_of, write_manifest)
+from melle.core.manifest import (ATTENTION_KV_LAYOUTS, EngineManifest, GraphEntry, TensorSpec, engine_entries,
+                                 read_manifest, sha256_of, write_manifest)
 
 GRAPH_TOLERANCE = 1e-4  # ORT FP32 vs PyTorch, per graph (DESIGN.md)
 VOCODER_TOLERANCE = 1e-3  # on the waveform
@@ -80,8 +84,9 @@ def quantize_step(directory: Path, step: GraphSpec) -> GraphEntry:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     source, target = directory / "decoder_step.onnx", directory / "decoder_step_int8.onnx"
+    # Contrib ops (GroupQueryAttention) leave some tensor types uninferred: they are FP32.
     quantize_dynamic(str(source), str(target), weight_type=QuantType.QUInt8, op_types_to_quantize=["MatMul"],
-                     per_channel=True)
+                     per_channel=True, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     inputs = step.example(np.random.default_rng(1))
     diff = max_abs_diff(ort_run(target, step.inputs, inputs)[:1], ort_run(source, step.inputs, inputs)[:1])
     return GraphEntry(target.name, sha256_of(target), None, **io_description(onnx.load(str(target))),
@@ -95,7 +100,8 @@ def check_vocoder_pairing(vocoder_preset: str, model_preset: str, source: str) -
 
 
 def export(ckpt: str | Path, out: str | Path, vocoder: str = "hifigan-universal", opset: int = 17,
-           max_len: int | None = None, batch_max: int = 16, int8: bool = False, force: bool = False) -> Path:
+           max_len: int | None = None, batch_max: int = 16, int8: bool = False, force: bool = False,
+           attention: str = "standard") -> Path:
     """Export ``ckpt`` into the engine directory ``out``; returns ``out``.
 
     ``out`` may be new, empty or an engine directory holding only what an export wrote;
@@ -103,6 +109,8 @@ def export(ckpt: str | Path, out: str | Path, vocoder: str = "hifigan-universal"
     """
     if opset < 17:
         raise ExportError(f"opset {opset} lacks LayerNormalization; use --opset 17 or newer")
+    if attention not in ATTENTION_KV_LAYOUTS:
+        raise ExportError(f"attention {attention!r} is not one of {sorted(ATTENTION_KV_LAYOUTS)}")
     inputs = [ckpt] + ([vocoder] if Path(vocoder).exists() else [])
     check_output_dir(out, "an engine directory", engine_entries, force=force, inputs=inputs)
     model = load_checkpoint(ckpt)
@@ -111,6 +119,8 @@ def export(ckpt: str | Path, out: str | Path, vocoder: str = "hifigan-universal"
     if not 1 < max_len <= cfg.max_len:
         raise ExportError(f"--max-len {max_len} must be in 2..{cfg.max_len} (the model's position table)")
     specs = model_graphs(model)
+    if attention == "gqa":
+        specs[:2] = gqa_model_graphs(model)
     if vocoder != "none":
         generator, voc_cfg = load_hifigan(vocoder)
         check_vocoder_pairing(mel_preset_of(voc_cfg), cfg.mel_preset, vocoder)
@@ -126,7 +136,7 @@ def export(ckpt: str | Path, out: str | Path, vocoder: str = "hifigan-universal"
             graphs["decoder_step_int8"] = quantize_step(tmp, specs[1])
         versions = {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
                     "onnxruntime": ort.__version__}
-        write_manifest(tmp, EngineManifest.for_export(cfg, vocoder, max_len, batch_max, graphs, versions))
+        write_manifest(tmp, EngineManifest.for_export(cfg, vocoder, max_len, batch_max, graphs, versions, attention))
     failed = {n: g.parity_max_abs_diff for n, g in graphs.items() if g.parity_max_abs_diff is not None
               and g.parity_max_abs_diff > (VOCODER_TOLERANCE if n == "vocoder" else GRAPH_TOLERANCE)}
     if failed:
@@ -144,6 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-len", type=int, help="KV cache capacity in positions (default: the model's max_len)")
     p.add_argument("--batch-max", type=int, default=16, help="largest candidate batch engines are built for")
     p.add_argument("--int8", action="store_true", help="also write a dynamic-INT8 decoder step")
+    p.add_argument("--attention", choices=sorted(ATTENTION_KV_LAYOUTS), default="standard",
+                   help="gqa: prefill and step on ONNX Runtime's fused GroupQueryAttention (ORT CPU only; "
+                        "faster there); standard: plain ONNX ops, for every backend including TensorRT")
     p.add_argument("--force", action="store_true",
                    help="replace --out even if it holds files an export did not write")
     args = p.parse_args(argv)
@@ -151,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--max-len must be at least 2 positions, got {args.max_len}")
     if args.batch_max < 1:
         p.error(f"--batch-max must be at least 1, got {args.batch_max}")
-    out = export(args.ckpt, args.out, args.vocoder, args.opset, args.max_len, args.batch_max, args.int8, args.force)
+    out = export(args.ckpt, args.out, args.vocoder, args.opset, args.max_len, args.batch_max, args.int8, args.force,
+                 args.attention)
     for name, diff in read_manifest(out, verify=False).parity.items():
         against = "the FP32 step (e)" if name.endswith("int8") else "PyTorch"
         print(f"{name:18s} max abs diff vs {against}: {diff:.2e}")

@@ -193,6 +193,7 @@ def build(engine_dir: str | Path, fp16: bool = True, batch_max: int | None = Non
         raise EngineError(f"TensorRT {trt.__version__} has no weakly-typed FP16 builds (removed in TensorRT 11): "
                           "install TensorRT 10 (pip install 'tensorrt-cu12>=10,<11') or build FP32 with --no-fp16")
     manifest = read_manifest(engine_dir)
+    require_standard_attention(manifest)
     require_compatible(engine_dir)
     batch_max = batch_max or manifest.batch_max
     max_len = max_len or manifest.max_len
@@ -224,6 +225,14 @@ def build(engine_dir: str | Path, fp16: bool = True, batch_max: int | None = Non
     return entry
 
 
+def require_standard_attention(manifest: EngineManifest) -> None:
+    """TensorRT parses standard ONNX ops only: an engine of ORT's contrib attention cannot be built."""
+    if manifest.attention != "standard":
+        raise EngineError(f"{manifest.directory} was exported with --attention {manifest.attention} (ONNX Runtime "
+                          "contrib ops, which TensorRT cannot parse); export another engine directory without "
+                          "--attention for TensorRT")
+
+
 def check_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse bad options and an unusable engine directory before TensorRT is loaded.
 
@@ -238,6 +247,7 @@ def check_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         if not ok:
             p.error(f"{option} must be {what}, got {value}")
     manifest = read_manifest(args.engine)  # the directory, its manifest and every ONNX graph it lists
+    require_standard_attention(manifest)
     if args.max_len is not None and args.max_len > manifest.max_len:
         p.error(f"--max-len must be in 2..{manifest.max_len} (the exported cache capacity), got {args.max_len}")
     if args.check:

@@ -30,10 +30,12 @@ from melle.generate import TorchBackend, generate
 from melle.core.kv_names import is_past
 from melle.vocoder import load_hifigan
 from melle_export.fp16_check import relative_error
+from melle_export.gqa_graphs import gqa_model_graphs
 from melle_export.graphs import model_graphs, run_torch, vocoder_graph
 from melle_export.to_onnx import GRAPH_TOLERANCE, VOCODER_TOLERANCE, max_abs_diff, ort_run
 from melle.core.manifest import EngineError, read_manifest
 from melle_runtime.ort_backend import OrtBackend
+from melle_runtime.synthesizer import make_backend
 
 TRAJECTORY_TOLERANCE = 1e-3
 TRT_TOLERANCE = 1e-2  # TensorRT FP16: relative error per step / per graph output (DESIGN.md)
@@ -54,7 +56,10 @@ class Check:
 
 def engine_specs(manifest, model) -> dict:
     """Graph specs by name for every graph in the engine (the vocoder when it has one)."""
-    specs = {s.name: s for s in model_graphs(model)}
+    graphs = model_graphs(model)
+    if manifest.attention == "gqa":
+        graphs[:2] = gqa_model_graphs(model)
+    specs = {s.name: s for s in graphs}
     if manifest.has_vocoder:
         specs["vocoder"] = vocoder_graph(*load_hifigan(manifest.vocoder))
     return specs
@@ -240,9 +245,10 @@ def run(argv: list[str] | None = None) -> int:
         except EngineError as err:
             raise UserError(f"--trt: {err}", ExitCode.MODEL) from None
     specs = engine_specs(manifest, model)
-    backend = OrtBackend(manifest)  # one set of sessions for every ORT decode below
+    backend = make_backend(manifest, "ort-cpu")  # one set of sessions for every ORT decode below
     checks = graph_checks(manifest, specs, np.random.default_rng(2024))
-    checks.append(kv_mode_check(manifest, backend, DecodeOptions(max_steps=50, stop_enabled=False)))
+    if manifest.attention == "standard":  # a GroupQueryAttention cache has one mode: shared in place
+        checks.append(kv_mode_check(manifest, backend, DecodeOptions(max_steps=50, stop_enabled=False)))
     # With the stop rule (trained models), and the full length without it (long trajectories
     # even for random models, whose stop head may fire at once).
     checks += [trajectory_check(backend, model, s, DecodeOptions(max_steps=args.max_steps)) for s in seeds]

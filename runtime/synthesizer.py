@@ -22,6 +22,7 @@ from melle.core.text import (EmptyTextError, UnknownSymbolError, describe_symbol
                         prompt_transcript_mismatch, tokenizer_from_spec, unspeakable_characters)
 from melle.core.manifest import EngineError, read_manifest
 from melle_runtime.ort_backend import OrtBackend
+from melle_runtime.ort_gqa_backend import OrtGqaBackend
 from melle_runtime.streaming import ChunkPlan, MelStream
 from melle_runtime.text_pieces import Piece, split_text
 
@@ -79,12 +80,17 @@ Progress = Callable[[int, int, float], None]
 def make_backend(manifest, backend: str, threads: int | None = None):
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if manifest.attention == "gqa" and backend not in ("ort-cpu", "ort-cpu-int8"):
+        raise EngineError(f"{manifest.directory} was exported with --attention gqa, whose graphs run on ONNX Runtime "
+                          f"CPU only; use --backend ort-cpu, or export without --attention gqa for {backend}")
     if backend == "trt":
         from melle_runtime.trt_backend import TrtBackend
 
         return TrtBackend(manifest)
     if backend == "ort-cpu-int8" and "decoder_step_int8" not in manifest.graphs:
         raise EngineError(f"{manifest.directory} has no INT8 step; re-export with --int8")
+    if manifest.attention == "gqa":
+        return OrtGqaBackend(manifest, int8=backend == "ort-cpu-int8", threads=threads)
     device = "cuda" if backend == "ort-cuda" else "cpu"
     return OrtBackend(manifest, device=device, int8=backend == "ort-cpu-int8", threads=threads)
 

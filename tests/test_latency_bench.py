@@ -13,7 +13,8 @@ from melle.core.decoding import DecodeOptions, decode
 from melle.generate import NoCacheTorchBackend, TorchBackend
 from melle_bench.latency_figures import speedups
 
-BACKENDS = ["torch-nocache", "torch-cache", "torch-cuda", "ort-cpu", "ort-cpu-int8", "ort-cuda", "trt"]
+BACKENDS = ["torch-nocache", "torch-cache", "torch-cuda", "ort-cpu", "ort-cpu-int8", "ort-cpu-gqa", "ort-cpu-gqa-int8",
+            "ort-cuda", "trt"]
 RS = [1, 2]
 
 
@@ -77,7 +78,9 @@ def test_speedups_are_slow_over_fast_from_the_raw_timings(run):
         return np.mean(entries[backend]["table5"][r]["trials_s"])
 
     expected = {}
-    for fast, slow in [("ort-cpu", "torch-cache"), ("ort-cpu-int8", "ort-cpu"), ("torch-cache", "torch-nocache")]:
+    measured_pairs = [("ort-cpu", "torch-cache"), ("ort-cpu-int8", "ort-cpu"), ("torch-cache", "torch-nocache"),
+                      ("ort-cpu-gqa", "ort-cpu"), ("ort-cpu-gqa-int8", "ort-cpu"), ("ort-cpu-gqa-int8", "ort-cpu-int8")]
+    for fast, slow in measured_pairs:  # torch-cuda over torch-cache is not measured without a GPU
         expected[fast, slow, "step ms at position 64"] = step_ms(slow) / step_ms(fast)
         for r in ["2"] if slow == "torch-nocache" else ["1", "2"]:  # 10 s at r=1 is beyond the baseline's cap
             expected[fast, slow, f"Table 5 s at r={r}"] = table5_s(slow, r) / table5_s(fast, r)

@@ -23,6 +23,12 @@ MANIFEST_VERSION = 1  # the layout to_dict writes; read_manifest refuses newer o
 TIMING_CACHE_FILE = "timing.cache"  # TensorRT's, written beside the engines by export/to_trt.py
 MODEL_GRAPHS = ("prefill", "decoder_step", "latent_head", "postnet")
 KV_LAYOUT = "[positions, batch, n_head, head_dim], time-major, one tensor per layer"
+# The attention the prefill and step graphs are built with: standard ONNX ops (every backend), or
+# ONNX Runtime's fused GroupQueryAttention over a cache shared between past and present (ORT CPU).
+ATTENTION_KV_LAYOUTS = {
+    "standard": KV_LAYOUT,
+    "gqa": "[batch, n_head, max_len, head_dim], one buffer per layer bound as both past and present",
+}
 
 
 class EngineError(ValueError):
@@ -120,14 +126,20 @@ class EngineManifest:
     graphs: dict[str, GraphEntry]
     versions: dict[str, str]
     trt: TrtBuild | None = None
+    attention: str = "standard"  # a key of ATTENTION_KV_LAYOUTS
     directory: Path | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_KV_LAYOUTS:
+            raise ValueError(f"attention {self.attention!r} is not one of {sorted(ATTENTION_KV_LAYOUTS)}")
 
     @classmethod
     def for_export(cls, config: MelleConfig, vocoder: str, max_len: int, batch_max: int,
-                   graphs: dict[str, GraphEntry], versions: dict[str, str]) -> "EngineManifest":
+                   graphs: dict[str, GraphEntry], versions: dict[str, str],
+                   attention: str = "standard") -> "EngineManifest":
         """The manifest of a fresh ONNX export of a model with ``config``."""
-        return cls(config, get_preset(config.mel_preset), config.tokenizer, vocoder, max_len, batch_max, KV_LAYOUT,
-                   graphs, versions)
+        return cls(config, get_preset(config.mel_preset), config.tokenizer, vocoder, max_len, batch_max,
+                   ATTENTION_KV_LAYOUTS[attention], graphs, versions, attention=attention)
 
     def with_trt(self, build: TrtBuild) -> "EngineManifest":
         return dataclasses.replace(self, trt=build)
@@ -172,13 +184,15 @@ class EngineManifest:
                    max_len=int(data["max_len"]), batch_max=int(data["batch_max"]),
                    kv_layout=data.get("kv_layout", KV_LAYOUT),
                    graphs={name: GraphEntry.from_dict(g) for name, g in data["graphs"].items()},
-                   versions=data.get("versions", {}), trt=None if trt is None else TrtBuild.from_dict(trt))
+                   versions=data.get("versions", {}), trt=None if trt is None else TrtBuild.from_dict(trt),
+                   attention=data.get("attention", "standard"))  # engines exported before GQA are standard
 
     def to_dict(self) -> dict[str, Any]:
         data = {"format_version": MANIFEST_VERSION, "config": self.config.to_dict(),
                 "mel_preset": dataclasses.asdict(self.mel_preset), "tokenizer": self.tokenizer,
                 "vocoder": self.vocoder, "max_len": self.max_len, "batch_max": self.batch_max,
-                "kv_layout": self.kv_layout, "graphs": {name: g.to_dict() for name, g in self.graphs.items()},
+                "attention": self.attention, "kv_layout": self.kv_layout,
+                "graphs": {name: g.to_dict() for name, g in self.graphs.items()},
                 "parity": self.parity,  # a summary for people and scripts reading the JSON
                 "versions": self.versions}
         if self.trt is not None:

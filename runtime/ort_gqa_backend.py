@@ -1,0 +1,65 @@
+"""ONNX Runtime CPU backend for engines exported with ``--attention gqa``.
+
+The cache is one numpy buffer per layer and K/V, ``[B, n_head, max_len, head_dim]``, wrapped once
+as an ``OrtValue`` over the same memory and bound as both the graph's ``past_*`` input and its
+``present_*`` output: GroupQueryAttention then writes each step's K/V into it in place, and
+nothing copies the cache, neither the runtime nor ORT. Latent head, post-net and vocoder are
+``OrtBackend``'s.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from melle.core.kv_names import present_of
+from melle.core.manifest import EngineError, EngineManifest
+from melle_runtime.ort_backend import OrtBackend
+
+
+class OrtGqaBackend(OrtBackend):
+    """``DecoderBackend`` over GroupQueryAttention prefill/step graphs with a cache shared in place."""
+
+    def __init__(self, manifest: EngineManifest, int8: bool = False, threads: int | None = None):
+        if manifest.attention != "gqa":
+            raise EngineError(f"{manifest.directory} holds {manifest.attention} attention graphs, not gqa ones; "
+                              "use OrtBackend (--backend ort-cpu picks it)")
+        super().__init__(manifest, device="cpu", int8=int8, threads=threads)
+        self.buffers: list[np.ndarray] = []  # one per name in past_names
+        self.bound: list[ort.OrtValue] = []  # the same memory, as ORT sees it
+
+    def start(self, batch: int, max_len: int) -> None:
+        if max_len > self.capacity:
+            raise EngineError(f"this utterance needs {max_len} positions; the engine was exported for "
+                              f"{self.capacity} (--max-len): shorten the text or re-export")
+        if not self.buffers or self.buffers[0].shape[0] != batch or self.buffers[0].shape[2] < max_len:
+            # No zeroing between utterances: the prefill writes slots [0, L) and a row reads no slot beyond its own.
+            shape = (batch, self.cfg.n_head, max_len, self.cfg.head_dim)
+            self.buffers = [np.zeros(shape, np.float32) for _ in self.past_names]
+            self.bound = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in self.buffers]
+
+    def _run(self, session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> np.ndarray:
+        """Run with the cache bound as past and present; returns e (only e is copied out)."""
+        binding = session.io_binding()
+        for name, value in feed.items():
+            binding.bind_cpu_input(name, value)
+        binding.bind_output("e")  # first: outputs come back in the order they were bound
+        for name, value in zip(self.past_names, self.bound):
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(present_of(name), value)
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
+
+    def prefill(self, text, prompt_frames, prompt_masks):
+        return self._run(self.sessions["prefill"],
+                         {"text": text, "prompt_frames": prompt_frames, "prompt_masks": prompt_masks})
+
+    def step(self, frames, masks, position):
+        rows = frames.shape[0]
+        return self._run(self.sessions["step"], {"frames": frames, "prenet_masks": masks,
+                                                 "seqlens_k": np.full(rows, position, np.int32),
+                                                 "total_length": np.array(position + 1, np.int32)})
+
+    def close(self) -> None:
+        super().close()
+        self.buffers, self.bound = [], []
