@@ -152,6 +152,22 @@ def test_requests_are_served_by_both_replicas(client):
     assert len(seen) == 2, seen
 
 
+def test_a_client_that_hangs_up_stops_its_replicas_decoding(ray_server):
+    body = {"model": "melle", "input": "Short one. " * 25, "voice": "demo", "response_format": "wav"}
+    with httpx.stream("POST", f"{ray_server.url}/v1/audio/speech", json=body, timeout=120) as response:
+        replica = response.headers[REPLICA_HEADER]
+        next(response.iter_raw())  # the first bytes, then hang up
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the proxy spreads these over both replicas: read the one that decoded
+        metrics = httpx.get(f"{ray_server.url}/metrics", timeout=10)
+        if (metrics.headers[REPLICA_HEADER] == replica
+                and 'melle_speech_requests_total{outcome="disconnected"} 1.0' in metrics.text
+                and "melle_queue_depth 0.0" in metrics.text):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"replica {replica} did not count the hang-up and free its slot within 30 s")
+
+
 def test_bad_input_keeps_its_openai_shaped_error(client):
     with pytest.raises(openai.BadRequestError) as caught:
         client.audio.speech.create(model="melle", voice="nobody", input="Hello.", response_format="wav")
