@@ -201,42 +201,52 @@ class AudioStream:
     def produce(self) -> None:
         """Worker thread: check the text (an error here is answered as JSON), then stream its audio.
 
-        The request's queue slot is released here, whatever happens to the client.
+        The request's queue slot is released here, whatever happens to the client, and before the
+        client hears that its request ended: its next request (or one Ray sends) finds the slot free.
         """
+        last = None
         try:
-            self._produce(self.service.synth)
+            last = self._produce(self.service.synth)
         finally:
             self.service.release()
+            if last is not None:
+                self._send(*last)
 
-    def _produce(self, synth: Synthesizer) -> None:
+    def _produce(self, synth: Synthesizer) -> tuple[str, object] | None:
+        """Send the audio; returns the message that ends the request (None: the client has left)."""
+        if self.cancelled.is_set():  # the client left while queued: decode nothing for it
+            return None
         try:
             chunks = synth.stream(self.request.input, self.voice.prompt_wav, self.voice.prompt_text, seed=0)
             encoder = chunk_encoder(self.request.response_format, synth.sample_rate)
         except BAD_INPUT as err:
-            self._send("refused", ApiError(400, str(err), "input"))
-            return
+            return "refused", ApiError(400, str(err), "input")
         except Exception as err:  # noqa: BLE001 - a bug, answered as a 500 rather than a hung request
-            self._send("refused", ApiError(500, f"{type(err).__name__}: {err}", kind="server_error"))
-            return
+            return "refused", ApiError(500, f"{type(err).__name__}: {err}", kind="server_error")
         self._send("ready")
         samples = 0
         try:
             for chunk in chunks:
                 if self.cancelled.is_set():  # the client hung up
-                    return
+                    return None
                 samples += len(chunk.wav)
                 self._send("audio", encoder.encode(chunk.wav))
             self._send("audio", encoder.finish())
-            self._send("done", samples / synth.sample_rate)
+            return "done", samples / synth.sample_rate
         except Exception as err:  # noqa: BLE001 - reported to the client's stream and counted
-            self._send("failed", err)
+            return "failed", err
         finally:
             chunks.close()
 
     async def start(self) -> None:
         """Queue the work and wait until it is either refused (ApiError) or producing audio."""
         self.service.worker.submit(self.produce)
-        kind, value = await self.messages.get()
+        try:
+            kind, value = await self.messages.get()
+        except asyncio.CancelledError:  # the client left while queued and Ray Serve cancelled this handler
+            self.cancelled.set()
+            self.service.metrics.requests.labels(self.outcome).inc()
+            raise
         if kind == "refused":
             raise value
 

@@ -24,7 +24,7 @@ import signal
 import sys
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import ray
 from fastapi import FastAPI
@@ -100,9 +100,13 @@ class ReplicaHeader:
 
 def speech_application(settings: ServerSettings, scaling: Scaling) -> serve.Application:
     """The Ray Serve application: ``build_app(settings)`` as the ingress of every replica."""
+    # Ray bounds what a replica is sent; the replica's own queue is a backstop with room for requests
+    # whose client has left (Ray no longer counts them) until their decoding stops at the next chunk.
+    replica_settings = replace(settings, max_queue=2 * settings.max_queue)
+
     def build_replica_app() -> FastAPI:  # runs in each replica
         # The engine loads before the replica counts as started, so Ray routes nothing to it earlier.
-        app = build_app(settings, load_in_background=False)
+        app = build_app(replica_settings, load_in_background=False)
         app.add_middleware(ReplicaHeader)
         return app
 

@@ -1,6 +1,7 @@
 """The speech server on Ray Serve, as its users run it: the CLI on a local Ray, called with the real `openai` client."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -166,6 +167,52 @@ def test_a_client_that_hangs_up_stops_its_replicas_decoding(ray_server):
             return
         time.sleep(0.1)
     raise AssertionError(f"replica {replica} did not count the hang-up and free its slot within 30 s")
+
+
+def replica_counters(url: str) -> dict[str, dict[str, float]]:
+    """Each replica's requests by outcome, and its queue depth as "queue", read until both have answered."""
+    seen: dict[str, dict[str, float]] = {}
+    deadline = time.monotonic() + 30
+    while len(seen) < 2 and time.monotonic() < deadline:
+        response = httpx.get(f"{url}/metrics", timeout=10)
+        counters = dict(re.findall(r'melle_speech_requests_total\{outcome="(\w+)"\} ([\d.]+)', response.text))
+        counters["queue"] = re.search(r"^melle_queue_depth ([\d.]+)", response.text, re.M).group(1)
+        seen[response.headers[REPLICA_HEADER]] = {k: float(v) for k, v in counters.items()}
+    assert len(seen) == 2, "the proxy did not reach both replicas in 30 s"
+    return seen
+
+
+def test_a_client_that_leaves_while_queued_is_counted_and_costs_no_decoding(ray_server):
+    url, long = ray_server.url, {"model": "melle", "input": "Short one. " * 60, "voice": "demo",
+                                 "response_format": "wav"}
+    before = replica_counters(url)
+    with ThreadPoolExecutor(3) as pool:  # both replicas busy, one with a request waiting behind
+        busy = [pool.submit(httpx.post, f"{url}/v1/audio/speech", json=long, timeout=120) for _ in range(3)]
+        time.sleep(0.2)
+        with pytest.raises(httpx.TimeoutException):  # queued: not a byte within 0.5 s, so it leaves
+            httpx.post(f"{url}/v1/audio/speech", json=long, timeout=0.5)
+        assert [f.result().status_code for f in busy] == [200] * 3
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        after = replica_counters(url)
+        if all(counters["queue"] == 0 for counters in after.values()):
+            break
+        time.sleep(0.2)
+    added = {outcome: sum(after[r].get(outcome, 0) - before[r].get(outcome, 0) for r in after)
+             for outcome in ("ok", "disconnected", "queue")}
+    assert added == {"ok": 3, "disconnected": 1, "queue": 0}
+
+
+def test_past_the_replicas_and_the_proxy_queue_requests_get_429(ray_server):
+    body = {"model": "melle", "input": "Short one. " * 25, "voice": "demo", "response_format": "wav"}
+
+    def status(_) -> int:
+        return httpx.post(f"{ray_server.url}/v1/audio/speech", json=body, timeout=120).status_code
+
+    # 2 replicas x --max-queue 2 at the replicas, 2 more held at the proxy: of 10 at once, some must be refused
+    with ThreadPoolExecutor(10) as pool:
+        statuses = list(pool.map(status, range(10)))
+    assert set(statuses) == {200, 429} and statuses.count(200) >= 6, statuses
 
 
 def test_bad_input_keeps_its_openai_shaped_error(client):
