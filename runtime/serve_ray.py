@@ -63,8 +63,8 @@ class Scaling:
 
     def deployment_options(self, max_queue: int) -> dict:
         """``serve.deployment`` options: replicas, CPUs, and Ray's queues sized like the server's own."""
+        # A replica is sent at most max_queue requests, the proxy holds max_queue more, then Ray answers 429.
         options = {"ray_actor_options": {"num_cpus": self.replica_cpus},
-                   # never more than a replica admits, so its own 429 is not what a busy cluster answers
                    "max_ongoing_requests": max_queue,
                    "max_queued_requests": max_queue,
                    "backpressure_config": BackpressureConfig(status_code=429)}
@@ -116,7 +116,7 @@ def speech_application(settings: ServerSettings, scaling: Scaling) -> serve.Appl
 
 
 def add_scaling_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--replicas", type=int, default=1, help="a fixed number of replicas")
+    p.add_argument("--replicas", type=int, help="a fixed number of replicas (default: 1)")
     p.add_argument("--min-replicas", type=int, help="autoscale from this many replicas (with --max-replicas)")
     p.add_argument("--max-replicas", type=int, help="autoscale up to this many replicas")
     p.add_argument("--target-ongoing-requests", type=float, default=1.0,
@@ -131,16 +131,20 @@ def scaling_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> S
     if (args.min_replicas is None) != (args.max_replicas is None):
         p.error("give both --min-replicas and --max-replicas to autoscale, or neither (then --replicas)")
     if args.max_replicas is not None:
+        if args.replicas is not None:
+            p.error("choose a fixed --replicas or autoscaling with --min-replicas/--max-replicas, not both")
         if args.min_replicas < 0 or args.max_replicas < max(1, args.min_replicas):
             p.error(f"need 0 <= --min-replicas <= --max-replicas and --max-replicas >= 1, got "
                     f"{args.min_replicas} and {args.max_replicas}")
-    elif args.replicas < 1:
+    elif args.replicas is not None and args.replicas < 1:
         p.error(f"--replicas must be at least 1, got {args.replicas}")
     if args.target_ongoing_requests <= 0 or args.replica_cpus <= 0:
         p.error("--target-ongoing-requests and --replica-cpus must be positive")
+    if args.num_cpus is not None and args.address:
+        p.error("--num-cpus sizes a local Ray; the cluster at --address has its own CPUs")
     if args.num_cpus is not None and args.num_cpus < 1:
         p.error(f"--num-cpus must be at least 1, got {args.num_cpus}")
-    return Scaling(args.replicas, args.min_replicas, args.max_replicas, args.target_ongoing_requests,
+    return Scaling(args.replicas or 1, args.min_replicas, args.max_replicas, args.target_ongoing_requests,
                    args.replica_cpus)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import openai
 import pytest
 
-from melle_runtime.serve_ray import REPLICA_HEADER
+from melle_runtime.serve_ray import REPLICA_HEADER, main
 from melle_runtime.synthesizer import Synthesizer
 from test_serve import decode, free_port
 
@@ -225,3 +225,17 @@ def test_stopping_leaves_no_process_running(ray_server):
     assert len(ray_server.processes) > 3  # the driver, Ray's own processes and both replicas
     assert ray_server.stop() == set(), ray_server.log_tail()
     assert ray_server.process.returncode == 0, ray_server.log_tail()
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--min-replicas", "1"], "give both"),
+    (["--replicas", "2", "--min-replicas", "1", "--max-replicas", "2"], "not both"),
+    (["--min-replicas", "3", "--max-replicas", "2"], "--min-replicas <= --max-replicas"),
+    (["--replicas", "0"], "--replicas must be at least 1"),
+    (["--replica-cpus", "0"], "must be positive"),
+    (["--num-cpus", "2", "--address", "auto"], "has its own CPUs"),
+])
+def test_bad_scaling_options_are_usage_errors_before_ray_starts(capsys, options, words):
+    with pytest.raises(SystemExit) as caught:
+        main(["--engine", "unused", *options])
+    assert caught.value.code == 2 and words in capsys.readouterr().err
