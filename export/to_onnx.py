@@ -1,13 +1,16 @@
 """Export a MELLE checkpoint to step-wise ONNX graphs plus ``manifest.json``.
 
     python export/to_onnx.py CKPT_DIR --out ENGINE_DIR [--vocoder hifigan-universal|PATH|none]
-        [--int8] [--attention standard|gqa]
+        [--int8] [--nbits 4|8 ...] [--attention standard|gqa [--kv-cache fp32|int8]]
 
 Writes prefill, decoder_step (KV cache as input, position as input), latent_head,
 postnet and vocoder graphs; checks each with ``onnx.checker`` (full check) and
 against its PyTorch module in ONNX Runtime; records the figures in the manifest.
 ``--attention gqa`` builds prefill and step on ONNX Runtime's fused GroupQueryAttention over a
-cache shared between past and present (``melle_export.gqa_graphs``): faster on CPU, ORT only.
+cache shared between past and present (``melle_export.gqa_graphs``): faster on CPU, ORT only;
+with ``--kv-cache int8`` that cache is INT8, with per-channel scales calibrated on the model's own
+decodes (``melle_export.kv_calibration``) and recorded in the manifest. ``--int8`` and ``--nbits``
+add decoder steps with quantized weights beside the FP32 one, each with its error against it.
 Everything is built in a temporary directory and renamed into place at the end.
 """
 
@@ -29,13 +32,16 @@ from melle.checkpoint import CheckpointError, load_checkpoint
 from melle.core.cli import ExitCode, run_cli
 from melle.core.fileio import atomic_dir, check_output_dir
 from melle.vocoder import VocoderError, load_hifigan, mel_preset_of
-from melle_export.gqa_graphs import gqa_model_graphs
+from melle_export.gqa_graphs import KvScales, gqa_model_graphs
+from melle_export.kv_calibration import DEFAULT_SENTENCES, calibrate_kv, read_sentences
 from melle_export.graphs import GraphSpec, export_graph, model_graphs, run_torch, vocoder_graph
 from melle.core.manifest import (ATTENTION_KV_LAYOUTS, EngineManifest, GraphEntry, TensorSpec, engine_entries,
                                  read_manifest, sha256_of, write_manifest)
 
 GRAPH_TOLERANCE = 1e-4  # ORT FP32 vs PyTorch, per graph (DESIGN.md)
 VOCODER_TOLERANCE = 1e-3  # on the waveform
+KV_CACHE_TYPES = ("fp32", "int8")
+NBITS_BLOCK = 32  # weights per 4/8-bit scale: 128 (ORT's default) costs the tiny test model 3x the error
 
 
 class ExportError(ValueError):
@@ -56,7 +62,8 @@ def ort_run(path: Path, names: list[str], inputs: list[np.ndarray]) -> list[np.n
 
 
 def max_abs_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    return max(float(np.abs(x - y).max()) if x.size else 0.0 for x, y in zip(a, b))
+    """Largest difference over all outputs; an INT8 cache's in its own units (1 = one quantisation step)."""
+    return max(float(np.abs(x.astype(np.float64) - y).max()) if x.size else 0.0 for x, y in zip(a, b))
 
 
 def export_and_check(spec: GraphSpec, directory: Path, opset: int, metadata: dict[str, str]) -> GraphEntry:
@@ -74,19 +81,34 @@ def export_and_check(spec: GraphSpec, directory: Path, opset: int, metadata: dic
                       context_frames=spec.context_frames)
 
 
-def quantize_step(directory: Path, step: GraphSpec) -> GraphEntry:
-    """Dynamic INT8 (weights only) copy of the decoder step, with its error against FP32.
+def quantize_weights(source: Path, target: Path, weights: str) -> None:
+    """Write ``source`` with its MatMul weights quantized: ``int8`` or ``nbits4`` / ``nbits8``.
 
-    Weights are unsigned (U8U8 kernels): ORT's U8S8 kernels saturate on x86 CPUs without VNNI
-    (AVX2-only EPYCs), where signed weights put the tiny test model's e 0.21 from FP32 instead of
-    0.012, and an engine must stay accurate on whatever CPU runs it, not only where it was exported.
+    int8 is dynamic (activations quantized per call), with unsigned weights (U8U8 kernels): ORT's
+    U8S8 kernels saturate on x86 CPUs without VNNI (AVX2-only EPYCs), where signed weights put the
+    tiny test model's e 0.21 from FP32 instead of 0.012, and an engine must stay accurate on whatever
+    CPU runs it. nbits is ORT's MatMulNBits (weight-only, block-wise symmetric) with accuracy level 4
+    (int8 activations inside the kernel), the level its fast CPU kernels need.
     """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    if weights == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    source, target = directory / "decoder_step.onnx", directory / "decoder_step_int8.onnx"
-    # Contrib ops (GroupQueryAttention) leave some tensor types uninferred: they are FP32.
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QUInt8, op_types_to_quantize=["MatMul"],
-                     per_channel=True, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        # Contrib ops (GroupQueryAttention) leave some tensor types uninferred: they are FP32.
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QUInt8, op_types_to_quantize=["MatMul"],
+                         per_channel=True, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        return
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=int(weights.removeprefix("nbits")),
+                                     block_size=NBITS_BLOCK, is_symmetric=True, accuracy_level=4)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(target))
+
+
+def quantize_step(directory: Path, step: GraphSpec, weights: str) -> GraphEntry:
+    """``decoder_step_{weights}``: the decoder step with quantized weights, with its error against FP32."""
+    source, target = directory / "decoder_step.onnx", directory / f"decoder_step_{weights}.onnx"
+    quantize_weights(source, target, weights)
     inputs = step.example(np.random.default_rng(1))
     diff = max_abs_diff(ort_run(target, step.inputs, inputs)[:1], ort_run(source, step.inputs, inputs)[:1])
     return GraphEntry(target.name, sha256_of(target), None, **io_description(onnx.load(str(target))),
@@ -101,7 +123,8 @@ def check_vocoder_pairing(vocoder_preset: str, model_preset: str, source: str) -
 
 def export(ckpt: str | Path, out: str | Path, vocoder: str = "hifigan-universal", opset: int = 17,
            max_len: int | None = None, batch_max: int = 16, int8: bool = False, force: bool = False,
-           attention: str = "standard") -> Path:
+           attention: str = "standard", kv_cache: str = "fp32", kv_calibration: str | Path = DEFAULT_SENTENCES,
+           nbits: tuple[int, ...] = ()) -> Path:
     """Export ``ckpt`` into the engine directory ``out``; returns ``out``.
 
     ``out`` may be new, empty or an engine directory holding only what an export wrote;
@@ -111,6 +134,17 @@ def export(ckpt: str | Path, out: str | Path, vocoder: str = "hifigan-universal"
         raise ExportError(f"opset {opset} lacks LayerNormalization; use --opset 17 or newer")
     if attention not in ATTENTION_KV_LAYOUTS:
         raise ExportError(f"attention {attention!r} is not one of {sorted(ATTENTION_KV_LAYOUTS)}")
+    if kv_cache not in KV_CACHE_TYPES:
+        raise ExportError(f"kv cache {kv_cache!r} is not one of {KV_CACHE_TYPES}")
+    if kv_cache == "int8" and attention != "gqa":
+        raise ExportError("--kv-cache int8 needs --attention gqa: only ONNX Runtime's GroupQueryAttention reads an "
+                          "INT8 cache")
+    if any(bits not in (4, 8) for bits in nbits):
+        raise ExportError(f"--nbits takes 4 or 8, got {list(nbits)}")
+    try:
+        calibration_sentences = read_sentences(kv_calibration) if kv_cache == "int8" else []
+    except (OSError, ValueError) as err:
+        raise ExportError(f"--kv-calibration: {err}") from None
     inputs = [ckpt] + ([vocoder] if Path(vocoder).exists() else [])
     check_output_dir(out, "an engine directory", engine_entries, force=force, inputs=inputs)
     model = load_checkpoint(ckpt)
@@ -119,8 +153,9 @@ def export(ckpt: str | Path, out: str | Path, vocoder: str = "hifigan-universal"
     if not 1 < max_len <= cfg.max_len:
         raise ExportError(f"--max-len {max_len} must be in 2..{cfg.max_len} (the model's position table)")
     specs = model_graphs(model)
+    calibration = calibrate_kv(model, calibration_sentences) if calibration_sentences else None
     if attention == "gqa":
-        specs[:2] = gqa_model_graphs(model)
+        specs[:2] = gqa_model_graphs(model, calibration and KvScales(calibration.key, calibration.value))
     if vocoder != "none":
         generator, voc_cfg = load_hifigan(vocoder)
         check_vocoder_pairing(mel_preset_of(voc_cfg), cfg.mel_preset, vocoder)
@@ -132,11 +167,12 @@ def export(ckpt: str | Path, out: str | Path, vocoder: str = "hifigan-universal"
         graphs = {}
         for spec in tqdm(specs, desc="export graphs", unit="graph"):
             graphs[spec.name] = export_and_check(spec, tmp, opset, metadata)
-        if int8:
-            graphs["decoder_step_int8"] = quantize_step(tmp, specs[1])
+        for weights in (["int8"] if int8 else []) + [f"nbits{bits}" for bits in sorted(set(nbits))]:
+            graphs[f"decoder_step_{weights}"] = quantize_step(tmp, specs[1], weights)
         versions = {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
                     "onnxruntime": ort.__version__}
-        write_manifest(tmp, EngineManifest.for_export(cfg, vocoder, max_len, batch_max, graphs, versions, attention))
+        write_manifest(tmp, EngineManifest.for_export(cfg, vocoder, max_len, batch_max, graphs, versions, attention,
+                                                      calibration and calibration.record))
     failed = {n: g.parity_max_abs_diff for n, g in graphs.items() if g.parity_max_abs_diff is not None
               and g.parity_max_abs_diff > (VOCODER_TOLERANCE if n == "vocoder" else GRAPH_TOLERANCE)}
     if failed:
@@ -154,9 +190,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-len", type=int, help="KV cache capacity in positions (default: the model's max_len)")
     p.add_argument("--batch-max", type=int, default=16, help="largest candidate batch engines are built for")
     p.add_argument("--int8", action="store_true", help="also write a dynamic-INT8 decoder step")
+    p.add_argument("--nbits", type=int, action="append", default=[], choices=(4, 8),
+                   help="also write a decoder step with 4- or 8-bit MatMulNBits weights (repeatable)")
     p.add_argument("--attention", choices=sorted(ATTENTION_KV_LAYOUTS), default="standard",
                    help="gqa: prefill and step on ONNX Runtime's fused GroupQueryAttention (ORT CPU only; "
                         "faster there); standard: plain ONNX ops, for every backend including TensorRT")
+    p.add_argument("--kv-cache", choices=KV_CACHE_TYPES, default="fp32",
+                   help="int8 (with --attention gqa): an INT8 cache, scales calibrated on decodes of the model")
+    p.add_argument("--kv-calibration", default=str(DEFAULT_SENTENCES),
+                   help="text file, one sentence a line, that the INT8 cache's scales are calibrated on")
     p.add_argument("--force", action="store_true",
                    help="replace --out even if it holds files an export did not write")
     args = p.parse_args(argv)
@@ -165,9 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch_max < 1:
         p.error(f"--batch-max must be at least 1, got {args.batch_max}")
     out = export(args.ckpt, args.out, args.vocoder, args.opset, args.max_len, args.batch_max, args.int8, args.force,
-                 args.attention)
+                 args.attention, args.kv_cache, args.kv_calibration, tuple(args.nbits))
     for name, diff in read_manifest(out, verify=False).parity.items():
-        against = "the FP32 step (e)" if name.endswith("int8") else "PyTorch"
+        against = "the FP32 step (e)" if name.startswith("decoder_step_") else "PyTorch"
         print(f"{name:18s} max abs diff vs {against}: {diff:.2e}")
     print(f"wrote {out}")
 

@@ -44,7 +44,7 @@ def make_session(path, providers: list[str], threads: int | None = None) -> ort.
 class OrtBackend:
     """Drives prefill / decoder_step / latent_head / postnet (and vocoder) sessions with a preallocated cache."""
 
-    def __init__(self, manifest: EngineManifest, device: str = "cpu", int8: bool = False, kv_mode: str = "prefix",
+    def __init__(self, manifest: EngineManifest, device: str = "cpu", weights: str = "fp32", kv_mode: str = "prefix",
                  threads: int | None = None):
         if kv_mode not in KV_MODES:
             raise ValueError(f"kv_mode must be one of {KV_MODES}, got {kv_mode!r}")
@@ -53,7 +53,7 @@ class OrtBackend:
         self.cfg = manifest.config
         self.capacity = manifest.max_len
         self.kv_mode = kv_mode
-        step_graph = "decoder_step_int8" if int8 else "decoder_step"
+        step_graph = "decoder_step" if weights == "fp32" else f"decoder_step_{weights}"  # int8, nbits4, nbits8
         self.sessions = {name: make_session(manifest.graph_path(graph), self.providers, threads)
                          for name, graph in [("prefill", "prefill"), ("step", step_graph),
                                              ("latent", "latent_head"), ("postnet", "postnet")]}

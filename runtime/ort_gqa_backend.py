@@ -1,6 +1,7 @@
 """ONNX Runtime CPU backend for engines exported with ``--attention gqa``.
 
-The cache is one numpy buffer per layer and K/V, ``[B, n_head, max_len, head_dim]``, wrapped once
+The cache is one numpy buffer per layer and K/V, ``[B, n_head, max_len, head_dim]`` (FP32, or INT8
+for engines exported with ``--kv-cache int8``), wrapped once
 as an ``OrtValue`` over the same memory and bound as both the graph's ``past_*`` input and its
 ``present_*`` output: GroupQueryAttention then writes each step's K/V into it in place, and
 nothing copies the cache, neither the runtime nor ORT. Latent head, post-net and vocoder are
@@ -20,11 +21,14 @@ from melle_runtime.ort_backend import OrtBackend
 class OrtGqaBackend(OrtBackend):
     """``DecoderBackend`` over GroupQueryAttention prefill/step graphs with a cache shared in place."""
 
-    def __init__(self, manifest: EngineManifest, int8: bool = False, threads: int | None = None):
+    def __init__(self, manifest: EngineManifest, weights: str = "fp32", threads: int | None = None):
         if manifest.attention != "gqa":
             raise EngineError(f"{manifest.directory} holds {manifest.attention} attention graphs, not gqa ones; "
                               "use OrtBackend (--backend ort-cpu picks it)")
-        super().__init__(manifest, device="cpu", int8=int8, threads=threads)
+        super().__init__(manifest, device="cpu", weights=weights, threads=threads)
+        # FP32, or INT8 for an engine exported with --kv-cache int8 (its scales are in the graphs).
+        past_type = next(i.type for i in self.sessions["step"].get_inputs() if i.name == self.past_names[0])
+        self.cache_dtype = np.int8 if past_type == "tensor(int8)" else np.float32
         self.buffers: list[np.ndarray] = []  # one per name in past_names
         self.bound: list[ort.OrtValue] = []  # the same memory, as ORT sees it
 
@@ -35,7 +39,7 @@ class OrtGqaBackend(OrtBackend):
         if not self.buffers or self.buffers[0].shape[0] != batch or self.buffers[0].shape[2] < max_len:
             # No zeroing between utterances: the prefill writes slots [0, L) and a row reads no slot beyond its own.
             shape = (batch, self.cfg.n_head, max_len, self.cfg.head_dim)
-            self.buffers = [np.zeros(shape, np.float32) for _ in self.past_names]
+            self.buffers = [np.zeros(shape, self.cache_dtype) for _ in self.past_names]
             self.bound = [ort.OrtValue.ortvalue_from_numpy(buffer) for buffer in self.buffers]
 
     def _run(self, session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> np.ndarray:

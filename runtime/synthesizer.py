@@ -26,7 +26,9 @@ from melle_runtime.ort_gqa_backend import OrtGqaBackend
 from melle_runtime.streaming import ChunkPlan, MelStream
 from melle_runtime.text_pieces import Piece, split_text
 
-BACKENDS = ("ort-cpu", "ort-cpu-int8", "ort-cuda", "trt")
+# ONNX Runtime CPU backends and the decoder step each runs: FP32 or quantized weights (export --int8 / --nbits).
+CPU_STEP_WEIGHTS = {"ort-cpu": "fp32", "ort-cpu-int8": "int8", "ort-cpu-nbits8": "nbits8", "ort-cpu-nbits4": "nbits4"}
+BACKENDS = (*CPU_STEP_WEIGHTS, "ort-cuda", "trt")
 MIN_PROMPT_SECONDS = 0.5
 # Room left for speech when long text is cut into pieces: each text token may take this much
 # audio (read speech runs ~0.07 s per phoneme symbol; twice that leaves slack for slow speech).
@@ -80,19 +82,21 @@ Progress = Callable[[int, int, float], None]
 def make_backend(manifest, backend: str, threads: int | None = None):
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    if manifest.attention == "gqa" and backend not in ("ort-cpu", "ort-cpu-int8"):
+    if manifest.attention == "gqa" and backend not in CPU_STEP_WEIGHTS:
         raise EngineError(f"{manifest.directory} was exported with --attention gqa, whose graphs run on ONNX Runtime "
                           f"CPU only; use --backend ort-cpu, or export without --attention gqa for {backend}")
     if backend == "trt":
         from melle_runtime.trt_backend import TrtBackend
 
         return TrtBackend(manifest)
-    if backend == "ort-cpu-int8" and "decoder_step_int8" not in manifest.graphs:
-        raise EngineError(f"{manifest.directory} has no INT8 step; re-export with --int8")
+    weights = CPU_STEP_WEIGHTS.get(backend, "fp32")
+    if weights != "fp32" and f"decoder_step_{weights}" not in manifest.graphs:
+        option = "--int8" if weights == "int8" else f"--nbits {weights.removeprefix('nbits')}"
+        raise EngineError(f"{manifest.directory} has no {weights} decoder step for {backend}; re-export with {option}")
     if manifest.attention == "gqa":
-        return OrtGqaBackend(manifest, int8=backend == "ort-cpu-int8", threads=threads)
+        return OrtGqaBackend(manifest, weights=weights, threads=threads)
     device = "cuda" if backend == "ort-cuda" else "cpu"
-    return OrtBackend(manifest, device=device, int8=backend == "ort-cpu-int8", threads=threads)
+    return OrtBackend(manifest, device=device, weights=weights, threads=threads)
 
 
 class Synthesizer:

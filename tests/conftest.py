@@ -44,7 +44,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_checkpoint, tmp_path_factory):
-    """Engine directories (no vocoder, with INT8 step) per reduction factor."""
+    """Engine directories (no vocoder; INT8, 8-bit and 4-bit weight steps beside FP32) per reduction factor."""
     from melle_export.to_onnx import export
 
     made = {}
@@ -52,7 +52,7 @@ def tiny_engine(tiny_checkpoint, tmp_path_factory):
     def make(r: int):
         if r not in made:
             made[r] = export(tiny_checkpoint(r), tmp_path_factory.mktemp(f"engine_r{r}") / "engine",
-                             vocoder="none", int8=True)
+                             vocoder="none", int8=True, nbits=(4, 8))
         return made[r]
 
     return make

@@ -87,19 +87,35 @@ def test_prefix_and_full_buffer_kv_modes_agree(tiny_engine):
 # Measured on the tiny r=1 test model and three other random tiny models (noise seeds 0-2): the INT8
 # step's e is 0.013-0.016 (max abs) from the FP32 step's (0.012 on an AVX2-only AMD EPYC, where the
 # signed weights used before gave 0.21: U8S8 saturation without VNNI), and a 20-step free-running INT8 decode's mel
-# 0.24-0.41% (relative_error) from the FP32 decode's. The bounds leave 3x and 5x margin; the floors
-# prove the step was quantised at all.
-INT8_E_MAX_ABS, INT8_MEL_RELATIVE, QUANTISED = 0.05, 0.02, 1e-4
+# 0.24-0.41% (relative_error) from the FP32 decode's. MatMulNBits on tiny r=1 and r=2 models, noise seeds
+# 0-2 (AMD EPYC): 8-bit e 0.011-0.020, mel 0.28-0.43%; 4-bit (block 32) e 0.14-0.18, mel 3.1-4.5% (random
+# Gaussian weights are 4-bit's worst case). The bounds leave 2.5-5x margin; the floor proves the step was
+# quantised at all.
+QUANTISED = 1e-4
+WEIGHT_BOUNDS = {"int8": (0.05, 0.02), "nbits8": (0.05, 0.02), "nbits4": (0.5, 0.15)}  # e max abs, mel relative
 
 
-def test_int8_step_tracks_fp32(tiny_engine):
+@pytest.mark.parametrize("weights", sorted(WEIGHT_BOUNDS))
+def test_quantized_steps_track_fp32(tiny_engine, weights):
+    e_bound, mel_bound = WEIGHT_BOUNDS[weights]
     manifest = read_manifest(tiny_engine(1))
-    assert QUANTISED < manifest.parity["decoder_step_int8"] < INT8_E_MAX_ABS
+    assert QUANTISED < manifest.parity[f"decoder_step_{weights}"] < e_bound
     options = DecodeOptions(max_steps=20, stop_enabled=False)
-    int8 = decode(OrtBackend(manifest, int8=True), manifest.config, [4, 5], None, options, seed=0)
+    quantized = decode(OrtBackend(manifest, weights=weights), manifest.config, [4, 5], None, options, seed=0)
     fp32 = decode(OrtBackend(manifest), manifest.config, [4, 5], None, options, seed=0)
-    assert int8.mel.shape == fp32.mel.shape
-    assert QUANTISED < relative_error(int8.mel, fp32.mel) < INT8_MEL_RELATIVE
+    assert quantized.mel.shape == fp32.mel.shape
+    assert QUANTISED < relative_error(quantized.mel, fp32.mel) < mel_bound
+
+
+def test_nbits_steps_hold_matmulnbits_of_their_width(tiny_engine):
+    manifest = read_manifest(tiny_engine(1))
+    for bits in (4, 8):
+        graph = onnx.load(str(manifest.graph_path(f"decoder_step_nbits{bits}")))
+        quantized = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+        assert quantized and all(onnx.helper.get_attribute_value(a) == bits
+                                 for n in quantized for a in n.attribute if a.name == "bits")
+        assert not [n for n in graph.graph.node if n.op_type == "MatMul" and n.input[1] in
+                    {i.name for i in graph.graph.initializer}]  # every weight MatMul quantized
 
 
 def test_vocoder_graph_matches_pytorch_hifigan(voiced_engine):

@@ -127,6 +127,7 @@ class EngineManifest:
     versions: dict[str, str]
     trt: TrtBuild | None = None
     attention: str = "standard"  # a key of ATTENTION_KV_LAYOUTS
+    kv_cache: dict[str, Any] | None = None  # an INT8 cache's calibration record (None: FP32 cache)
     directory: Path | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
@@ -136,10 +137,10 @@ class EngineManifest:
     @classmethod
     def for_export(cls, config: MelleConfig, vocoder: str, max_len: int, batch_max: int,
                    graphs: dict[str, GraphEntry], versions: dict[str, str],
-                   attention: str = "standard") -> "EngineManifest":
+                   attention: str = "standard", kv_cache: dict[str, Any] | None = None) -> "EngineManifest":
         """The manifest of a fresh ONNX export of a model with ``config``."""
         return cls(config, get_preset(config.mel_preset), config.tokenizer, vocoder, max_len, batch_max,
-                   ATTENTION_KV_LAYOUTS[attention], graphs, versions, attention=attention)
+                   ATTENTION_KV_LAYOUTS[attention], graphs, versions, attention=attention, kv_cache=kv_cache)
 
     def with_trt(self, build: TrtBuild) -> "EngineManifest":
         return dataclasses.replace(self, trt=build)
@@ -185,13 +186,14 @@ class EngineManifest:
                    kv_layout=data.get("kv_layout", KV_LAYOUT),
                    graphs={name: GraphEntry.from_dict(g) for name, g in data["graphs"].items()},
                    versions=data.get("versions", {}), trt=None if trt is None else TrtBuild.from_dict(trt),
-                   attention=data.get("attention", "standard"))  # engines exported before GQA are standard
+                   attention=data.get("attention", "standard"),  # engines exported before GQA are standard
+                   kv_cache=data.get("kv_cache"))
 
     def to_dict(self) -> dict[str, Any]:
         data = {"format_version": MANIFEST_VERSION, "config": self.config.to_dict(),
                 "mel_preset": dataclasses.asdict(self.mel_preset), "tokenizer": self.tokenizer,
                 "vocoder": self.vocoder, "max_len": self.max_len, "batch_max": self.batch_max,
-                "attention": self.attention, "kv_layout": self.kv_layout,
+                "attention": self.attention, "kv_layout": self.kv_layout, "kv_cache": self.kv_cache,
                 "graphs": {name: g.to_dict() for name, g in self.graphs.items()},
                 "parity": self.parity,  # a summary for people and scripts reading the JSON
                 "versions": self.versions}
