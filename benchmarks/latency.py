@@ -26,7 +26,7 @@ from melle.core.cli import OutputError, run_cli
 from melle.core.config import PRESETS
 from melle.core.fileio import write_text_atomic
 from melle_bench.latency_backends import BACKENDS
-from melle_bench.latency_figures import add_vocoder_times, cost_growth, speedups
+from melle_bench.latency_figures import add_vocoder_times, cost_growth, speedups, step_floors
 from melle_bench.latency_machine import TORCH_ENV
 from melle_bench.latency_markdown import render_markdown
 from melle_bench.latency_plots import plot_steps, plot_table5
@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     add_vocoder_times(report)
     report["growth"] = cost_growth(report)
     report["speedups"] = speedups(report)
+    report["floors"] = step_floors(report)
     write_text_atomic(out / "latency.json", json.dumps(report, indent=1) + "\n")
     markdown = render_markdown(report)
     write_text_atomic(out / "latency.md", markdown)

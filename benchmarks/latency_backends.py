@@ -14,16 +14,23 @@ import numpy as np
 
 from melle_bench.latency_workload import Model
 
-BACKENDS = ("torch-nocache", "torch-cache", "torch-cuda", "ort-cpu", "ort-cpu-int8", "ort-cpu-gqa",
-            "ort-cpu-gqa-int8", "ort-cuda", "trt")
 TORCH_BACKENDS = ("torch-nocache", "torch-cache", "torch-cuda")
+# Each ONNX backend: the engine variant it times and the runtime backend (make_backend) that opens it.
+ONNX_BACKENDS = {
+    "ort-cpu": ("standard", "ort-cpu"), "ort-cpu-int8": ("standard", "ort-cpu-int8"),
+    "ort-cpu-nbits8": ("standard", "ort-cpu-nbits8"), "ort-cpu-nbits4": ("standard", "ort-cpu-nbits4"),
+    "ort-cpu-gqa": ("gqa", "ort-cpu"), "ort-cpu-gqa-int8": ("gqa", "ort-cpu-int8"),
+    "ort-cpu-gqa-kv8": ("gqa-kv8", "ort-cpu"), "ort-cpu-gqa-kv8-int8": ("gqa-kv8", "ort-cpu-int8"),
+    "ort-cpu-gqa-kv8-nbits8": ("gqa-kv8", "ort-cpu-nbits8"), "ort-cpu-gqa-kv8-nbits4": ("gqa-kv8", "ort-cpu-nbits4"),
+    "ort-cuda": ("standard", "ort-cuda"), "trt": ("standard", "trt"),
+}
+# How each engine variant is exported (to_onnx.export options); the standard one holds the vocoder.
+ENGINE_VARIANTS = {"standard": {}, "gqa": {"attention": "gqa"}, "gqa-kv8": {"attention": "gqa", "kv_cache": "int8"}}
+BACKENDS = (*TORCH_BACKENDS, *ONNX_BACKENDS)
 GPU_BACKENDS = ("torch-cuda", "ort-cuda", "trt")
-# Backends of the GroupQueryAttention engine (to_onnx.py --attention gqa): the runtime backend each opens.
-GQA_BACKENDS = {"ort-cpu-gqa": "ort-cpu", "ort-cpu-gqa-int8": "ort-cpu-int8"}
 # The vocoder each backend is paired with (the synth CLI's choice): one timing per runtime.
 VOCODER_RUNTIME = {"torch-nocache": "torch-cache", "torch-cache": "torch-cache", "torch-cuda": "torch-cuda",
-                   "ort-cpu": "ort-cpu", "ort-cpu-int8": "ort-cpu", "ort-cpu-gqa": "ort-cpu",
-                   "ort-cpu-gqa-int8": "ort-cpu", "ort-cuda": "ort-cuda", "trt": "ort-cuda"}
+                   **{b: "ort-cuda" if b in GPU_BACKENDS else "ort-cpu" for b in ONNX_BACKENDS}}
 VOCODER = "hifigan-universal"
 
 
@@ -93,5 +100,33 @@ def open_backend(backend: str, model: Model):
     from melle.core.manifest import read_manifest
     from melle_runtime.synthesizer import make_backend
 
-    manifest = read_manifest(model.engine_gqa if backend in GQA_BACKENDS else model.engine)
-    return make_backend(manifest, GQA_BACKENDS.get(backend, backend)), manifest.config
+    variant, runtime_backend = ONNX_BACKENDS[backend]
+    manifest = read_manifest(model.engine_of(variant))
+    return make_backend(manifest, runtime_backend), manifest.config
+
+
+def step_weights(backend: str) -> str:
+    """The decoder-step weights an ONNX backend runs: fp32, int8, nbits8 or nbits4."""
+    from melle_runtime.synthesizer import CPU_STEP_WEIGHTS
+
+    return CPU_STEP_WEIGHTS.get(ONNX_BACKENDS[backend][1], "fp32")
+
+
+def step_graph(backend: str) -> tuple[str, str]:
+    """(engine variant, decoder-step graph name) an ONNX backend runs."""
+    weights = step_weights(backend)
+    return ONNX_BACKENDS[backend][0], "decoder_step" if weights == "fp32" else f"decoder_step_{weights}"
+
+
+def kv_bytes_per_element(backend: str) -> int:
+    return 1 if ONNX_BACKENDS.get(backend, ("standard",))[0] == "gqa-kv8" else 4
+
+
+def engines_needed(backends: list[str]) -> dict[str, set[str]]:
+    """Per engine variant the backends need, the quantized step weights it must hold."""
+    # The standard engine holds the vocoder every ONNX backend's Table 5 row is paired with.
+    needed: dict[str, set[str]] = {"standard": set()} if any(b in ONNX_BACKENDS for b in backends) else {}
+    for backend in backends:
+        if backend in ONNX_BACKENDS:
+            needed.setdefault(ONNX_BACKENDS[backend][0], set()).add(step_weights(backend))
+    return {variant: weights - {"fp32"} for variant, weights in needed.items()}

@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from melle_bench.latency_backends import GPU_BACKENDS, VOCODER_RUNTIME
+from melle_bench.latency_backends import GPU_BACKENDS, ONNX_BACKENDS, VOCODER_RUNTIME, kv_bytes_per_element, step_graph
 
 RATIO_POSITION = 1000  # where per-step speed-ups are read (or the largest position both timed)
 SPEEDUPS = (("ort-cpu", "torch-cache"), ("ort-cpu-int8", "ort-cpu"), ("torch-cache", "torch-nocache"),
             ("torch-cuda", "torch-cache"), ("ort-cpu-gqa", "ort-cpu"), ("ort-cpu-gqa-int8", "ort-cpu"),
-            ("ort-cpu-gqa-int8", "ort-cpu-int8"))
+            ("ort-cpu-gqa-int8", "ort-cpu-int8"), ("ort-cpu-nbits8", "ort-cpu"), ("ort-cpu-nbits4", "ort-cpu"),
+            ("ort-cpu-gqa-kv8", "ort-cpu-gqa"), ("ort-cpu-gqa-kv8-int8", "ort-cpu"),
+            ("ort-cpu-gqa-kv8-int8", "ort-cpu-gqa-int8"), ("ort-cpu-gqa-kv8-nbits8", "ort-cpu"),
+            ("ort-cpu-gqa-kv8-nbits4", "ort-cpu"))
 
 
 def measured(entry: dict | None) -> bool:
@@ -48,9 +51,35 @@ def cost_growth(report: dict) -> list[dict]:
             # A cached step reads the past once more per position; on a GPU it reads device memory,
             # whose bandwidth the host measurement says nothing about.
             if backend != "torch-nocache" and backend not in GPU_BACKENDS:
-                extra = (int(hi) - int(lo)) * report["models"][preset][r0]["kv_bytes_per_position"]
+                extra = (int(hi) - int(lo)) * kv_bytes(report, preset, backend)
                 row.update(extra_cache_mb=extra / 1e6, read_floor_ms=1e3 * extra / (bandwidth * 1e9))
             rows.append(row)
+    return rows
+
+
+def kv_bytes(report: dict, preset: str, backend: str) -> float:
+    """Cache bytes one more position adds for ``backend`` (an INT8 cache holds a quarter)."""
+    r0 = str(report["settings"]["rs"][0])
+    return report["models"][preset][r0]["kv_bytes_per_position"] * kv_bytes_per_element(backend) / 4
+
+
+def step_floors(report: dict) -> list[dict]:
+    """Per CPU ONNX backend and position: the step's time beside the time to read its weights and cache once."""
+    bandwidth, r0 = report["machine"]["memory_read_gbs"], str(report["settings"]["rs"][0])
+    rows = []
+    for preset, backends in report["results"].items():
+        for backend, entry in backends.items():
+            if backend not in ONNX_BACKENDS or backend in GPU_BACKENDS or not measured(entry):
+                continue
+            variant, graph = step_graph(backend)
+            weights = report["models"][preset][r0].get("step_bytes", {}).get(variant, {}).get(graph)
+            if weights is None:
+                continue
+            for position, row in entry["step"]["prefix"].items():
+                floor_ms = 1e3 * (weights + int(position) * kv_bytes(report, preset, backend)) / (bandwidth * 1e9)
+                rows.append({"preset": preset, "backend": backend, "position": int(position),
+                             "step_ms": row["median_ms"], "weights_mb": weights / 1e6, "floor_ms": floor_ms,
+                             "over_floor": row["median_ms"] / floor_ms})
     return rows
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from melle_bench.latency_backends import VOCODER
+from melle_bench.latency_backends import ONNX_BACKENDS, VOCODER, step_graph, step_weights
 from melle_bench.latency_figures import measured
 from melle_bench.latency_workload import FIRST_AUDIO_SECONDS, PAPER_TABLE5, TABLE5_SECONDS
 
@@ -103,21 +103,32 @@ def batch_section(report: dict) -> list[str]:
                    "× real time)", ["preset", "backend", *(f"B={b}" for b in batches)], rows)
 
 
-def int8_section(report: dict) -> list[str]:
-    """The INT8 step's parity and speed beside FP32 on ONNX Runtime."""
+def quantized_section(report: dict) -> list[str]:
+    """Each quantized decoder step's error against FP32 (at export) beside its speed."""
     r0 = str(report["settings"]["rs"][0])
     rows = []
-    for preset, backends in report["results"].items():
-        fp32, int8 = backends.get("ort-cpu"), backends.get("ort-cpu-int8")
-        if not (measured(fp32) and measured(int8)):
+    for preset, backend, entry in measured_entries(report):
+        if backend not in ONNX_BACKENDS or step_weights(backend) == "fp32":
             continue
-        steps = [f"{p}: {fmt(fp32['step']['prefix'][p]['median_ms'])} → {fmt(row['median_ms'])}"
-                 for p, row in int8["step"]["prefix"].items()]
-        rows.append([preset, f"{report['models'][preset][r0]['int8_parity']:.2e}", ", ".join(steps),
-                     f"{fmt(fp32['table5'][r0].get('mean_s'))} → {fmt(int8['table5'][r0].get('mean_s'))}"])
-    return section("INT8 (dynamic, weights only) against FP32 on ONNX Runtime",
-                   ["preset", "step parity (max abs diff of e)", "step ms FP32 → INT8 by position",
-                    f"Table 5 r={r0} s"], rows)
+        variant, graph = step_graph(backend)
+        parity = report["models"][preset][r0].get("step_parity", {}).get(variant, {}).get(graph)
+        steps = ", ".join(f"{p}: {fmt(row['median_ms'])}" for p, row in entry["step"]["prefix"].items())
+        rows.append([preset, backend, "—" if parity is None else f"{parity:.2e}", steps,
+                     fmt(entry["table5"].get(r0, {}).get("mean_s"))])
+    return section("Quantized decoder steps", ["preset", "backend", "e max abs diff vs the FP32 step",
+                                               "step ms by position", f"Table 5 r={r0} s"], rows,
+                   "Export-time parity of the quantized step's e against its FP32 step on random inputs; "
+                   "decoding error and WER of the demo voice are in benchmarks/README.md.")
+
+
+def floor_section(report: dict) -> list[str]:
+    """Per-step time over the time to read the step's weights and cache once at the measured bandwidth."""
+    rows = [[f["preset"], f["backend"], str(f["position"]), fmt(f["step_ms"]), fmt(f["weights_mb"]),
+             fmt(f["floor_ms"]), f"{f['over_floor']:.2f}×"] for f in report.get("floors", [])]
+    return section("Per-step time against the read floor", ["preset", "backend", "position", "step ms",
+                                                             "weights MB", "floor ms", "step / floor"], rows,
+                   "Floor: the decoder step's graph file (its weights) plus the cache up to the position, read once "
+                   f"at {report['machine']['memory_read_gbs']:.1f} GB/s.")
 
 
 def speedup_section(report: dict) -> list[str]:
@@ -164,6 +175,6 @@ def render_markdown(report: dict) -> str:
     if vocoders:
         lines += [f"Vocoder ({VOCODER}) on 10 s of mel: {vocoders}.", ""]
     for part in (step_section, growth_section, first_audio_section, table5_section, batch_section,
-                 int8_section, speedup_section, memory_section, not_measured):
+                 quantized_section, floor_section, speedup_section, memory_section, not_measured):
         lines += part(report)
     return "\n".join(lines)

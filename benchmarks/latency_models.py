@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from melle.core.config import PRESETS, MelleConfig
-from melle_bench.latency_backends import VOCODER
+from melle_bench.latency_backends import ENGINE_VARIANTS, VOCODER
 from melle_bench.latency_workload import TABLE5_SECONDS, Model, Settings, Workload
 
 
@@ -23,49 +23,51 @@ def plan_models(presets: list[str], settings: Settings, cache: Path) -> dict[str
             longest = Workload.make(cfg, settings).positions(max(TABLE5_SECONDS, settings.batch_seconds))
             directory = cache / f"{preset}-r{r}-seed{settings.seed}"
             plan[preset][r] = Model(preset, r, max(cfg.max_len, longest), r == settings.rs[0],
-                                    str(directory / "checkpoint"), str(directory / "engine"),
-                                    str(directory / "engine-gqa"))
+                                    str(directory / "checkpoint"), str(directory / "engine"))
     return plan
 
 
 
-def prepare(models: list[Model], seed: int, onnx: bool, int8: bool, gqa: bool, batch_max: int) -> None:
-    """Write each model's checkpoint (engines when ``onnx``, the GQA one too when ``gqa``) unless cached."""
+def prepare(models: list[Model], seed: int, engines: dict[str, set[str]], batch_max: int) -> None:
+    """Write each model's checkpoint and the engine variants ``engines`` names, each with its quantized
+    steps (``latency_backends.engines_needed``), unless cached."""
     from melle.checkpoint import save_checkpoint
     from melle.init import random_model
     from melle_export.to_onnx import export
 
     for m in tqdm(models, desc="models", position=1, leave=False):
-        if is_cached(m, onnx, int8, gqa):
+        if is_cached(m, engines):
             continue
         save_checkpoint(m.checkpoint, random_model(m.preset, seed, r=m.r, max_len=m.max_len))
-        if onnx:
-            export(m.checkpoint, m.engine, vocoder=VOCODER if m.vocoder else "none", batch_max=batch_max, int8=int8)
-        if gqa:
-            export(m.checkpoint, m.engine_gqa, vocoder="none", batch_max=batch_max, int8=int8, attention="gqa")
+        for variant, weights in engines.items():
+            vocoder = VOCODER if m.vocoder and variant == "standard" else "none"
+            export(m.checkpoint, m.engine_of(variant), vocoder=vocoder, batch_max=batch_max, int8="int8" in weights,
+                   nbits=tuple(int(w.removeprefix("nbits")) for w in weights if w.startswith("nbits")),
+                   **ENGINE_VARIANTS[variant])
 
 
-def is_cached(model: Model, onnx: bool, int8: bool, gqa: bool) -> bool:
+def is_cached(model: Model, engines: dict[str, set[str]]) -> bool:
     """Whether the cache holds this model with the sizes the presets say now and every graph needed."""
     expected = {**PRESETS[model.preset], "r": model.r, "max_len": model.max_len}
     config_file = Path(model.checkpoint) / "config.json"
     if not config_file.exists() or any(json.loads(config_file.read_text()).get(k) != v for k, v in expected.items()):
         return False
-    if not onnx:
-        return True
     from melle.core.manifest import EngineError, read_manifest
 
-    try:
-        graphs = read_manifest(model.engine, verify=False).graphs  # loading verifies the checksums
-        gqa_graphs = read_manifest(model.engine_gqa, verify=False).graphs if gqa else {}
-    except EngineError:
-        return False
-    return ((not int8 or "decoder_step_int8" in graphs) and (not model.vocoder or "vocoder" in graphs)
-            and (not gqa or not int8 or "decoder_step_int8" in gqa_graphs))
+    for variant, weights in engines.items():
+        try:
+            graphs = read_manifest(model.engine_of(variant), verify=False).graphs  # loading verifies the checksums
+        except EngineError:
+            return False
+        needed = {f"decoder_step_{w}" for w in weights} | ({"vocoder"} if model.vocoder and variant == "standard"
+                                                           else set())
+        if not needed <= set(graphs):
+            return False
+    return True
 
 
 def describe_model(model: Model) -> dict:
-    """Sizes, parameter count and (for an engine) the INT8 step's parity, read without torch."""
+    """Sizes, parameter count and, per engine variant, each decoder step's parity and size; read without torch."""
     from safetensors import safe_open
 
     cfg = model.config()
@@ -76,4 +78,14 @@ def describe_model(model: Model) -> dict:
     manifest = Path(model.engine) / "manifest.json"
     if manifest.exists():
         info["int8_parity"] = json.loads(manifest.read_text())["parity"].get("decoder_step_int8")
+    # Per engine variant, each decoder step's export parity (vs PyTorch; a quantized step's e vs FP32).
+    for variant in ENGINE_VARIANTS:
+        manifest = Path(model.engine_of(variant)) / "manifest.json"
+        if manifest.exists():
+            data = json.loads(manifest.read_text())
+            steps = {name: graph for name, graph in data["graphs"].items() if name.startswith("decoder_step")}
+            info.setdefault("step_parity", {})[variant] = {name: data["parity"][name] for name in steps}
+            # What one step reads besides the cache: its weights, about the graph file's size.
+            info.setdefault("step_bytes", {})[variant] = {
+                name: (Path(model.engine_of(variant)) / graph["file"]).stat().st_size for name, graph in steps.items()}
     return info

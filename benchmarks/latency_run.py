@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from melle.core.config import PRESETS, MelleConfig
 from melle.core.fileio import write_text_atomic
-from melle_bench.latency_backends import GQA_BACKENDS, TORCH_BACKENDS, VOCODER_RUNTIME, unavailable
+from melle_bench.latency_backends import VOCODER_RUNTIME, engines_needed, unavailable
 from melle_bench.latency_machine import TORCH_ENV, machine_info
 from melle_bench.latency_measures import run_cell, time_vocoder
 from melle_bench.latency_models import describe_model, plan_models, prepare
@@ -80,14 +80,12 @@ def run(args: argparse.Namespace, settings: Settings, cache: Path, out: Path) ->
         "results": {p: {b: {"skipped": skipped[b]} if skipped[b] else {"pending": True} for b in backends}
                     for p in presets},
     }
-    onnx = any(b not in TORCH_BACKENDS for b in active)
     cells = [Cell(p, b, plan[p], settings) for p in presets for b in active]
     vocoders = sorted({VOCODER_RUNTIME[b] for b in active}) if args.table5_vocoder else []
     with tqdm(total=1 + len(cells) + len(vocoders), desc="benchmark", unit="task") as bar:
         bar.set_postfix_str("models")
-        in_fresh_process(prepare, [m for p in presets for m in plan[p].values()], settings.seed, onnx,
-                         any(b.endswith("int8") for b in active), any(b in GQA_BACKENDS for b in active),
-                         max(settings.batches))
+        in_fresh_process(prepare, [m for p in presets for m in plan[p].values()], settings.seed,
+                         engines_needed(active), max(settings.batches))
         report["models"] = {p: {str(r): describe_model(m) for r, m in plan[p].items()} for p in presets}
         bar.update()
         for cell in cells:

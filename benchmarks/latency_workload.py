@@ -78,8 +78,11 @@ class Model:
     max_len: int
     vocoder: bool  # export the vocoder graph into this engine
     checkpoint: str
-    engine: str
-    engine_gqa: str  # the same weights exported with --attention gqa (vocoder: the standard engine's)
+    engine: str  # the standard engine, with the vocoder when ``vocoder``
+
+    def engine_of(self, variant: str) -> str:
+        """Where the engine variant (latency_backends.ENGINE_VARIANTS) of the same weights lives."""
+        return self.engine if variant == "standard" else str(Path(self.engine).parent / f"engine-{variant}")
 
     def config(self) -> MelleConfig:
         """The model's configuration, read from its checkpoint."""

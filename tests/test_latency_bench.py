@@ -13,7 +13,8 @@ from melle.core.decoding import DecodeOptions, decode
 from melle.generate import NoCacheTorchBackend, TorchBackend
 from melle_bench.latency_figures import speedups
 
-BACKENDS = ["torch-nocache", "torch-cache", "torch-cuda", "ort-cpu", "ort-cpu-int8", "ort-cpu-gqa", "ort-cpu-gqa-int8",
+BACKENDS = ["torch-nocache", "torch-cache", "torch-cuda", "ort-cpu", "ort-cpu-int8", "ort-cpu-nbits8", "ort-cpu-nbits4",
+            "ort-cpu-gqa", "ort-cpu-gqa-int8", "ort-cpu-gqa-kv8", "ort-cpu-gqa-kv8-int8", "ort-cpu-gqa-kv8-nbits4",
             "ort-cuda", "trt"]
 RS = [1, 2]
 
@@ -79,7 +80,10 @@ def test_speedups_are_slow_over_fast_from_the_raw_timings(run):
 
     expected = {}
     measured_pairs = [("ort-cpu", "torch-cache"), ("ort-cpu-int8", "ort-cpu"), ("torch-cache", "torch-nocache"),
-                      ("ort-cpu-gqa", "ort-cpu"), ("ort-cpu-gqa-int8", "ort-cpu"), ("ort-cpu-gqa-int8", "ort-cpu-int8")]
+                      ("ort-cpu-gqa", "ort-cpu"), ("ort-cpu-gqa-int8", "ort-cpu"), ("ort-cpu-gqa-int8", "ort-cpu-int8"),
+                      ("ort-cpu-nbits8", "ort-cpu"), ("ort-cpu-nbits4", "ort-cpu"), ("ort-cpu-gqa-kv8", "ort-cpu-gqa"),
+                      ("ort-cpu-gqa-kv8-int8", "ort-cpu"), ("ort-cpu-gqa-kv8-int8", "ort-cpu-gqa-int8"),
+                      ("ort-cpu-gqa-kv8-nbits4", "ort-cpu")]
     for fast, slow in measured_pairs:  # torch-cuda over torch-cache is not measured without a GPU
         expected[fast, slow, "step ms at position 64"] = step_ms(slow) / step_ms(fast)
         for r in ["2"] if slow == "torch-nocache" else ["1", "2"]:  # 10 s at r=1 is beyond the baseline's cap
@@ -88,6 +92,24 @@ def test_speedups_are_slow_over_fast_from_the_raw_timings(run):
     assert found == pytest.approx(expected)
     growth = {g["backend"]: g for g in report["growth"]}
     assert "read_floor_ms" in growth["ort-cpu"] and "read_floor_ms" not in growth["torch-nocache"]
+
+
+def test_read_floor_is_the_step_graph_and_its_cache_at_the_measured_bandwidth(run):
+    _, report = run
+    model = report["models"]["tiny"]["1"]
+    floors = {(f["backend"], f["position"]): f for f in report["floors"]}
+    bandwidth = report["machine"]["memory_read_gbs"] * 1e9
+    for backend, variant, graph, kv_element_bytes in [("ort-cpu", "standard", "decoder_step", 4),
+                                                       ("ort-cpu-nbits4", "standard", "decoder_step_nbits4", 4),
+                                                       ("ort-cpu-gqa-kv8-int8", "gqa-kv8", "decoder_step_int8", 1)]:
+        weights = model["step_bytes"][variant][graph]
+        cache = 64 * model["kv_bytes_per_position"] * kv_element_bytes / 4
+        floor = floors[backend, 64]
+        assert floor["floor_ms"] == pytest.approx(1e3 * (weights + cache) / bandwidth)
+        assert floor["over_floor"] == pytest.approx(floor["step_ms"] / floor["floor_ms"])
+    sizes = model["step_bytes"]["standard"]
+    assert sizes["decoder_step_nbits4"] < sizes["decoder_step_int8"] < sizes["decoder_step"]
+    assert model["step_parity"]["gqa-kv8"]["decoder_step_int8"] > 0
 
 
 def test_speedups_of_a_hand_made_report():
@@ -108,8 +130,8 @@ def test_speedups_of_a_hand_made_report():
 def test_writes_markdown_and_plots(run):
     out, _ = run
     markdown = (out / "latency.md").read_text()
-    for heading in ("Per-step latency", "Time to first audio", "Paper Table 5", "Batch throughput", "INT8",
-                    "Speed-ups", "Memory"):
+    for heading in ("Per-step latency", "Time to first audio", "Paper Table 5", "Batch throughput",
+                    "Quantized decoder steps", "read floor", "Speed-ups", "Memory"):
         assert heading in markdown
     for png in ("step_latency.png", "table5.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
