@@ -107,6 +107,21 @@ class KvScales(nn.Module):
         self.register_buffer("value", torch.from_numpy(np.asarray(value, np.float32)))
 
 
+def scales_of_graph(path) -> KvScales:
+    """The INT8 cache scales an exported GQA graph holds, layer by layer (its nodes are in layer order)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    constants.update((n.output[0], numpy_helper.to_array(n.attribute[0].t)) for n in graph.node
+                     if n.op_type == "Constant" and n.attribute[0].name == "value")
+    nodes = [n for n in graph.node if n.op_type == "GroupQueryAttention" and len(n.input) > 13]
+    if not nodes:
+        raise ValueError(f"{path} has no GroupQueryAttention over an INT8 cache")
+    return KvScales(np.stack([constants[n.input[12]] for n in nodes]), np.stack([constants[n.input[13]] for n in nodes]))
+
+
 def _decode_gqa(model: Melle, x: torch.Tensor, past: tuple[torch.Tensor, ...], seqlens_k: torch.Tensor,
                 total_length: torch.Tensor, scales: KvScales | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The decoder over ``x [B, S, d]`` with every layer's attention fused; final hidden and presents."""

@@ -8,6 +8,7 @@ from melle.core.decoding import DecodeOptions, decode
 from melle.core.manifest import EngineError, read_manifest
 from melle.generate import generate
 from melle_export.fp16_check import relative_error
+from melle_export.gqa_graphs import scales_of_graph
 from melle_export.kv_calibration import DEFAULT_SENTENCES, calibrate_kv, read_sentences
 from melle_export.to_onnx import GRAPH_TOLERANCE, ExportError, export
 from melle_export.to_trt import require_standard_attention
@@ -175,3 +176,22 @@ def test_int8_cache_needs_gqa_and_calibration_sentences(tiny_checkpoint, tmp_pat
 def test_a_missing_quantized_step_says_how_to_export_it(gqa_engine):
     with pytest.raises(EngineError, match="re-export with --nbits 4"):
         make_backend(read_manifest(gqa_engine(1)), "ort-cpu-nbits4")
+
+
+@pytest.mark.parametrize("kv_cache", ["fp32", "int8"])
+def test_verify_suite_passes_on_gqa_engines(tiny_checkpoint, gqa_engine, kv_cache, capsys):
+    from melle_export.verify import main as verify
+
+    assert verify([str(gqa_engine(2, kv_cache)), "--ckpt", str(tiny_checkpoint(2)), "--seeds", "0",
+                   "--max-steps", "60"]) == 0
+    if kv_cache == "int8":
+        assert "INT8 cache: mel relative error" in capsys.readouterr().out
+
+
+def test_scales_read_back_from_the_graph_are_the_calibrated_ones(tiny_checkpoint, gqa_engine):
+    manifest = read_manifest(gqa_engine(1, "int8"))
+    scales = scales_of_graph(manifest.graph_path("decoder_step"))
+    calibration = calibrate_kv(load_checkpoint(tiny_checkpoint(1)), read_sentences(DEFAULT_SENTENCES))
+    np.testing.assert_array_equal(scales.key.numpy(), calibration.key)
+    np.testing.assert_array_equal(scales.value.numpy(), calibration.value)
+    assert manifest.kv_cache == calibration.record
