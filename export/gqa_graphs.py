@@ -119,7 +119,8 @@ def scales_of_graph(path) -> KvScales:
     nodes = [n for n in graph.node if n.op_type == "GroupQueryAttention" and len(n.input) > 13]
     if not nodes:
         raise ValueError(f"{path} has no GroupQueryAttention over an INT8 cache")
-    return KvScales(np.stack([constants[n.input[12]] for n in nodes]), np.stack([constants[n.input[13]] for n in nodes]))
+    key, value = ([constants[n.input[i]] for n in nodes] for i in (12, 13))  # inputs k_scale, v_scale
+    return KvScales(np.stack(key), np.stack(value))
 
 
 def _decode_gqa(model: Melle, x: torch.Tensor, past: tuple[torch.Tensor, ...], seqlens_k: torch.Tensor,

@@ -42,6 +42,7 @@ from melle.core.manifest import (ATTENTION_KV_LAYOUTS, EngineManifest, GraphEntr
 GRAPH_TOLERANCE = 1e-4  # ORT FP32 vs PyTorch, per graph (DESIGN.md)
 VOCODER_TOLERANCE = 1e-3  # on the waveform
 KV_CACHE_TYPES = ("fp32", "int8")
+CACHE_STEP_TOLERANCE = 1  # INT8 cache vs its PyTorch twin, in quantisation steps (see max_step_diff)
 NBITS_BLOCK = 32  # weights per 4/8-bit scale (16-128 moved the tiny test model's step error by < 1.4x)
 
 
@@ -63,8 +64,18 @@ def ort_run(path: Path, names: list[str], inputs: list[np.ndarray]) -> list[np.n
 
 
 def max_abs_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    """Largest difference over all outputs; an INT8 cache's in its own units (1 = one quantisation step)."""
-    return max(float(np.abs(x.astype(np.float64) - y).max()) if x.size else 0.0 for x, y in zip(a, b))
+    """Largest difference over the floating-point outputs (an INT8 cache is ``max_step_diff``'s)."""
+    return max((float(np.abs(x - y).max()) for x, y in zip(a, b) if x.size and x.dtype.kind == "f"), default=0.0)
+
+
+def max_step_diff(a: list[np.ndarray], b: list[np.ndarray]) -> int | None:
+    """Largest difference of the integer outputs (an INT8 cache) in quantisation steps; None without any.
+
+    One step is rounding, not error: where ``x / scale`` lands on a rounding boundary, the order
+    of a float sum decides the side. More than one is a real difference.
+    """
+    steps = [int(np.abs(x.astype(np.int64) - y).max()) for x, y in zip(a, b) if x.size and x.dtype.kind == "i"]
+    return max(steps) if steps else None
 
 
 def export_and_check(spec: GraphSpec, directory: Path, opset: int, metadata: dict[str, str]) -> GraphEntry:
@@ -77,9 +88,10 @@ def export_and_check(spec: GraphSpec, directory: Path, opset: int, metadata: dic
     onnx.save(model, str(path))
     onnx.checker.check_model(str(path), full_check=True)
     inputs = spec.example(np.random.default_rng(1))
-    diff = max_abs_diff(ort_run(path, spec.inputs, inputs), run_torch(spec, inputs))
-    return GraphEntry(path.name, sha256_of(path), opset, **io_description(model), parity_max_abs_diff=diff,
-                      context_frames=spec.context_frames)
+    ours, reference = ort_run(path, spec.inputs, inputs), run_torch(spec, inputs)
+    return GraphEntry(path.name, sha256_of(path), opset, **io_description(model),
+                      parity_max_abs_diff=max_abs_diff(ours, reference),
+                      cache_max_step_diff=max_step_diff(ours, reference), context_frames=spec.context_frames)
 
 
 def quantize_weights(source: Path, target: Path, weights: str) -> None:
@@ -178,6 +190,8 @@ def export(ckpt: str | Path, out: str | Path, vocoder: str = "hifigan-universal"
                                                       calibration and calibration.record))
     failed = {n: g.parity_max_abs_diff for n, g in graphs.items() if g.parity_max_abs_diff is not None
               and g.parity_max_abs_diff > (VOCODER_TOLERANCE if n == "vocoder" else GRAPH_TOLERANCE)}
+    failed.update((f"{n} cache (steps)", g.cache_max_step_diff) for n, g in graphs.items()
+                  if (g.cache_max_step_diff or 0) > CACHE_STEP_TOLERANCE)
     if failed:
         print(f"warning: parity above tolerance for {failed}; see {out}/manifest.json", file=sys.stderr)
     return out

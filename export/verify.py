@@ -35,7 +35,8 @@ from melle.vocoder import load_hifigan
 from melle_export.fp16_check import relative_error
 from melle_export.gqa_graphs import gqa_model_graphs, scales_of_graph
 from melle_export.graphs import model_graphs, run_torch, vocoder_graph
-from melle_export.to_onnx import GRAPH_TOLERANCE, VOCODER_TOLERANCE, max_abs_diff, ort_run
+from melle_export.to_onnx import (CACHE_STEP_TOLERANCE, GRAPH_TOLERANCE, VOCODER_TOLERANCE, max_abs_diff,
+                                  max_step_diff, ort_run)
 from melle.core.manifest import EngineError, read_manifest
 from melle_runtime.ort_backend import OrtBackend
 from melle_runtime.synthesizer import make_backend
@@ -79,9 +80,13 @@ def graph_checks(manifest, specs: dict, rng) -> list[Check]:
     checks = []
     for spec in specs.values():
         inputs = spec.example(rng)
-        diff = max_abs_diff(ort_run(manifest.graph_path(spec.name), spec.inputs, inputs), run_torch(spec, inputs))
+        ours, reference = ort_run(manifest.graph_path(spec.name), spec.inputs, inputs), run_torch(spec, inputs)
         limit = VOCODER_TOLERANCE if spec.name == "vocoder" else GRAPH_TOLERANCE
-        checks.append(Check(f"graph {spec.name}", diff, limit, "max abs diff vs PyTorch"))
+        checks.append(Check(f"graph {spec.name}", max_abs_diff(ours, reference), limit, "max abs diff vs PyTorch"))
+        steps = max_step_diff(ours, reference)
+        if steps is not None:
+            checks.append(Check(f"graph {spec.name} INT8 cache", steps, CACHE_STEP_TOLERANCE + 1,
+                                "max diff in quantisation steps (1 is rounding)"))
     return checks
 
 

@@ -124,6 +124,7 @@ def test_int8_cache_manifest_records_its_calibration(gqa_engine):
     assert manifest.kv_cache["dtype"] == "int8" and manifest.kv_cache["frames"] > 0
     assert manifest.kv_cache["sentences"] == len(read_sentences(DEFAULT_SENTENCES))
     assert all(manifest.parity[name] < GRAPH_TOLERANCE for name in ("prefill", "decoder_step"))
+    assert all(manifest.graphs[name].cache_max_step_diff <= 1 for name in ("prefill", "decoder_step"))
     for graph in ("prefill", "decoder_step", "decoder_step_int8"):
         caches = [t for t in manifest.graphs[graph].inputs + manifest.graphs[graph].outputs if "key" in t.name]
         assert caches and all(t.dtype == "int8" for t in caches)

@@ -63,6 +63,7 @@ class GraphEntry:
     outputs: list[TensorSpec] = field(default_factory=list)
     parity_max_abs_diff: float | None = None  # vs its PyTorch module
     e_max_abs_diff_vs_fp32: float | None = None  # INT8 step: its e vs the FP32 step's
+    cache_max_step_diff: int | None = None  # INT8 cache outputs vs PyTorch, in quantisation steps
     # Frame graphs (post-net, vocoder): input frames on each side that one output frame depends on,
     # so a stream can run them on chunks with this much context and match the whole utterance.
     context_frames: int | None = None
