@@ -36,7 +36,6 @@ def add_vocoder_times(report: dict) -> None:
 def cost_growth(report: dict) -> list[dict]:
     """Per-step cost at the lowest and highest timed position, beside what reading the extra cache costs."""
     bandwidth = report["machine"]["memory_read_gbs"]
-    r0 = str(report["settings"]["rs"][0])
     rows = []
     for preset, backends in report["results"].items():
         for backend, entry in backends.items():
