@@ -114,8 +114,22 @@ def step_weights(backend: str) -> str:
 
 def step_graph(backend: str) -> tuple[str, str]:
     """(engine variant, decoder-step graph name) an ONNX backend runs."""
-    weights = step_weights(backend)
-    return ONNX_BACKENDS[backend][0], "decoder_step" if weights == "fp32" else f"decoder_step_{weights}"
+    from melle.core.manifest import step_graph_name
+
+    return ONNX_BACKENDS[backend][0], step_graph_name(step_weights(backend))
+
+
+def export_options(variant: str, weights: set[str]) -> dict:
+    """``to_onnx.export`` options of an engine variant holding decoder steps with ``weights`` beside FP32."""
+    return {"int8": "int8" in weights, "nbits": tuple(sorted(int(w.removeprefix("nbits")) for w in weights
+                                                            if w.startswith("nbits"))), **ENGINE_VARIANTS[variant]}
+
+
+def step_graphs(weights: set[str]) -> set[str]:
+    """Names of the decoder step graphs with ``weights``."""
+    from melle.core.manifest import step_graph_name
+
+    return {step_graph_name(w) for w in weights}
 
 
 def kv_bytes_per_element(backend: str) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from melle.core.config import PRESETS, MelleConfig
-from melle_bench.latency_backends import ENGINE_VARIANTS, VOCODER
+from melle_bench.latency_backends import ENGINE_VARIANTS, VOCODER, export_options, step_graphs
 from melle_bench.latency_workload import TABLE5_SECONDS, Model, Settings, Workload
 
 
@@ -41,9 +41,8 @@ def prepare(models: list[Model], seed: int, engines: dict[str, set[str]], batch_
         save_checkpoint(m.checkpoint, random_model(m.preset, seed, r=m.r, max_len=m.max_len))
         for variant, weights in engines.items():
             vocoder = VOCODER if m.vocoder and variant == "standard" else "none"
-            export(m.checkpoint, m.engine_of(variant), vocoder=vocoder, batch_max=batch_max, int8="int8" in weights,
-                   nbits=tuple(int(w.removeprefix("nbits")) for w in weights if w.startswith("nbits")),
-                   **ENGINE_VARIANTS[variant])
+            export(m.checkpoint, m.engine_of(variant), vocoder=vocoder, batch_max=batch_max,
+                   **export_options(variant, weights))
 
 
 def is_cached(model: Model, engines: dict[str, set[str]]) -> bool:
@@ -59,8 +58,7 @@ def is_cached(model: Model, engines: dict[str, set[str]]) -> bool:
             graphs = read_manifest(model.engine_of(variant), verify=False).graphs  # loading verifies the checksums
         except EngineError:
             return False
-        needed = {f"decoder_step_{w}" for w in weights} | ({"vocoder"} if model.vocoder and variant == "standard"
-                                                           else set())
+        needed = step_graphs(weights) | ({"vocoder"} if model.vocoder and variant == "standard" else set())
         if not needed <= set(graphs):
             return False
     return True

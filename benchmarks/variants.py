@@ -26,7 +26,8 @@ import numpy as np
 from tqdm import tqdm
 
 from melle.core.fileio import write_text_atomic
-from melle_bench.latency_backends import ENGINE_VARIANTS, GPU_BACKENDS, ONNX_BACKENDS, VOCODER, step_weights
+from melle_bench.latency_backends import (GPU_BACKENDS, ONNX_BACKENDS, VOCODER, export_options, step_graph,
+                                         step_graphs, step_weights)
 from melle_bench.latency_machine import machine_info
 from melle_bench.quality import Scorer, read_sentences
 from melle_bench.quality_metrics import mean_or_none, utterance_wer, wer_by_length, Row
@@ -52,13 +53,11 @@ def export_variants(ckpt: str, cache: Path, backends: list[str]) -> dict[str, Pa
         weights = {step_weights(b) for b in backends if ONNX_BACKENDS[b][0] == variant} - {"fp32"}
         try:
             graphs = read_manifest(directory).graphs
-            fresh = not {f"decoder_step_{w}" for w in weights} <= set(graphs)
+            fresh = not step_graphs(weights) <= set(graphs)
         except EngineError:
             fresh = True
         if fresh:
-            export(ckpt, directory, vocoder=VOCODER, int8="int8" in weights, force=True,
-                   nbits=tuple(int(w.removeprefix("nbits")) for w in weights if w.startswith("nbits")),
-                   **ENGINE_VARIANTS[variant])
+            export(ckpt, directory, vocoder=VOCODER, force=True, **export_options(variant, weights))
         engines[variant] = directory
     return engines
 
@@ -158,8 +157,8 @@ def main(argv=None) -> None:
             hypothesis = scorer.transcribe(s["wav"], s["rate"])
             rows.append(Row(text, hypothesis, utterance_wer(text, hypothesis), None, s["seconds"],
                             len(s["wav"]) / s["rate"]))
-        graph = "decoder_step" if step_weights(backend) == "fp32" else f"decoder_step_{step_weights(backend)}"
-        manifest = json.loads((engines[ONNX_BACKENDS[backend][0]] / "manifest.json").read_text())
+        variant, graph = step_graph(backend)
+        manifest = json.loads((engines[variant] / "manifest.json").read_text())
         parity = manifest["graphs"][graph].get("e_max_abs_diff_vs_fp32")
         report["variants"].append(summarize(backend, spoken, baseline, rows, parity))
         write_text_atomic(out / "variants.json", json.dumps(report, indent=1) + "\n")

@@ -37,7 +37,7 @@ from melle_export.gqa_graphs import KvScales, gqa_model_graphs
 from melle_export.kv_calibration import DEFAULT_SENTENCES, calibrate_kv, read_sentences
 from melle_export.graphs import GraphSpec, export_graph, model_graphs, run_torch, vocoder_graph
 from melle.core.manifest import (ATTENTION_KV_LAYOUTS, EngineManifest, GraphEntry, TensorSpec, engine_entries,
-                                 read_manifest, sha256_of, write_manifest)
+                                 read_manifest, sha256_of, step_graph_name, write_manifest)
 
 GRAPH_TOLERANCE = 1e-4  # ORT FP32 vs PyTorch, per graph (DESIGN.md)
 VOCODER_TOLERANCE = 1e-3  # on the waveform
@@ -121,8 +121,8 @@ def quantize_weights(source: Path, target: Path, weights: str) -> None:
 
 
 def quantize_step(directory: Path, step: GraphSpec, weights: str) -> GraphEntry:
-    """``decoder_step_{weights}``: the decoder step with quantized weights, with its error against FP32."""
-    source, target = directory / "decoder_step.onnx", directory / f"decoder_step_{weights}.onnx"
+    """The decoder step with quantized ``weights``, with its error against FP32."""
+    source, target = directory / "decoder_step.onnx", directory / f"{step_graph_name(weights)}.onnx"
     quantize_weights(source, target, weights)
     inputs = step.example(np.random.default_rng(1))
     diff = max_abs_diff(ort_run(target, step.inputs, inputs)[:1], ort_run(source, step.inputs, inputs)[:1])
@@ -183,7 +183,7 @@ def export(ckpt: str | Path, out: str | Path, vocoder: str = "hifigan-universal"
         for spec in tqdm(specs, desc="export graphs", unit="graph"):
             graphs[spec.name] = export_and_check(spec, tmp, opset, metadata)
         for weights in (["int8"] if int8 else []) + [f"nbits{bits}" for bits in sorted(set(nbits))]:
-            graphs[f"decoder_step_{weights}"] = quantize_step(tmp, specs[1], weights)
+            graphs[step_graph_name(weights)] = quantize_step(tmp, specs[1], weights)
         versions = {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
                     "onnxruntime": ort.__version__}
         write_manifest(tmp, EngineManifest.for_export(cfg, vocoder, max_len, batch_max, graphs, versions, attention,

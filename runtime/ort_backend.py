@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from melle.core.kv_names import is_past, present_of
-from melle.core.manifest import EngineError, EngineManifest
+from melle.core.manifest import EngineError, EngineManifest, step_graph_name
 
 KV_MODES = ("prefix", "full")
 
@@ -53,9 +53,8 @@ class OrtBackend:
         self.cfg = manifest.config
         self.capacity = manifest.max_len
         self.kv_mode = kv_mode
-        step_graph = "decoder_step" if weights == "fp32" else f"decoder_step_{weights}"  # int8, nbits4, nbits8
         self.sessions = {name: make_session(manifest.graph_path(graph), self.providers, threads)
-                         for name, graph in [("prefill", "prefill"), ("step", step_graph),
+                         for name, graph in [("prefill", "prefill"), ("step", step_graph_name(weights)),
                                              ("latent", "latent_head"), ("postnet", "postnet")]}
         self.vocoder: ort.InferenceSession | None = None  # made on first use: not every caller vocodes
         # The cache follows the step graph's own signature; outputs are asked for by name, in its order.

@@ -20,7 +20,7 @@ from melle.core.audio import load_wav, mel_spectrogram
 from melle.core.decoding import Decoded, DecodeOptions, Decoding, decode
 from melle.core.text import (EmptyTextError, UnknownSymbolError, describe_symbols, normalize_text,
                         prompt_transcript_mismatch, tokenizer_from_spec, unspeakable_characters)
-from melle.core.manifest import EngineError, read_manifest
+from melle.core.manifest import EngineError, read_manifest, step_graph_name
 from melle_runtime.ort_backend import OrtBackend
 from melle_runtime.ort_gqa_backend import OrtGqaBackend
 from melle_runtime.streaming import ChunkPlan, MelStream
@@ -90,7 +90,7 @@ def make_backend(manifest, backend: str, threads: int | None = None):
 
         return TrtBackend(manifest)
     weights = CPU_STEP_WEIGHTS.get(backend, "fp32")
-    if weights != "fp32" and f"decoder_step_{weights}" not in manifest.graphs:
+    if step_graph_name(weights) not in manifest.graphs:
         option = "--int8" if weights == "int8" else f"--nbits {weights.removeprefix('nbits')}"
         raise EngineError(f"{manifest.directory} has no {weights} decoder step for {backend}; re-export with {option}")
     if manifest.attention == "gqa":

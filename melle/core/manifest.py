@@ -31,6 +31,11 @@ ATTENTION_KV_LAYOUTS = {
 }
 
 
+def step_graph_name(weights: str) -> str:
+    """The decoder step graph with ``weights``: fp32 (the exported one), int8, nbits8 or nbits4."""
+    return "decoder_step" if weights == "fp32" else f"decoder_step_{weights}"
+
+
 class EngineError(ValueError):
     """An engine directory that cannot be used, with what is wrong and what to do."""
 
