@@ -1,10 +1,13 @@
 """Load test of the speech server: concurrent streaming clients, then a storm of clients that hang up.
 
     python benchmarks/serve_load.py --engine engines/demo [--levels 1,2,4,8] [--requests 8] [--max-queue 8]
-        [--disconnects 16 --disconnect-rounds 3] [--time-limit 600] [--note TEXT] [--out DIR]
+        [--max-batch 1,4] [--disconnects 16 --disconnect-rounds 3] [--time-limit 600] [--note TEXT] [--out DIR]
 
-Starts ``python -m melle_runtime.serve`` (uvicorn, loopback, its own process) on the engine. Each
-distinct sentence is first synthesised alone (the reference). Then, per level of concurrent clients,
+Starts ``python -m melle_runtime.serve`` (uvicorn, loopback, its own process) on the engine, once per
+``--max-batch`` value (1: one request at a time; more: continuous batching, which needs an engine
+exported with ``--attention gqa``), and runs everything below against each, in one run so that their
+throughputs compare. Each distinct sentence is first synthesised alone (the reference; every server
+must give the first one's references). Then, per level of concurrent clients,
 ``--requests`` requests stream wav (client i takes the next sentence as it finishes one), and the
 report gives time to first audio and per-request RTF (wall time / audio seconds) at p50 and p90,
 throughput (audio seconds per wall second, requests per second), errors and 429s. Every response
@@ -77,14 +80,14 @@ class Result:
 class Server:
     """``python -m melle_runtime.serve`` in a subprocess on a loopback port, until ``close``."""
 
-    def __init__(self, engine: str, max_queue: int, log_dir: Path):
+    def __init__(self, engine: str, max_queue: int, max_batch: int, log_dir: Path):
         self.log = log_dir / "server.log"
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         with open(self.log, "wb") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "melle_runtime.serve", "--engine", engine, "--port", str(port),
-                 "--max-queue", str(max_queue)], stdout=out, stderr=subprocess.STDOUT)
+                 "--max-queue", str(max_queue), "--max-batch", str(max_batch)], stdout=out, stderr=subprocess.STDOUT)
 
     def wait_until_healthy(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -121,9 +124,9 @@ class Server:
 
 
 @contextmanager
-def serving(engine: str, max_queue: int) -> Iterator[Server]:
+def serving(engine: str, max_queue: int, max_batch: int) -> Iterator[Server]:
     with tempfile.TemporaryDirectory() as log_dir:
-        server = Server(engine, max_queue, Path(log_dir))
+        server = Server(engine, max_queue, max_batch, Path(log_dir))
         try:
             server.wait_until_healthy()
             yield server
@@ -259,28 +262,46 @@ async def stream_one_alone(url: str, text: int, deadline: float) -> Result:
         return await stream_one(client, url, text, deadline)
 
 
-def measure(args: argparse.Namespace) -> dict:
-    """Start the server, take the references, run the levels and the storms."""
-    deadline = time.monotonic() + args.time_limit
-    report = {"load_average_before": os.getloadavg()}
-    with serving(args.engine, args.max_queue) as server:
-        references = {}
-        for text in range(min(args.requests, len(TEXTS))):
-            references[text] = asyncio.run(stream_one_alone(server.url, text, deadline))
-            if references[text].status != 200:
-                raise UserError(f"the reference request for {TEXTS[text]!r} failed: {references[text].error}")
-        report["references"] = [asdict(r) for r in references.values()]
-        report["levels"], report["skipped_levels"] = [], []
+def take_references(server: Server, requests: int, deadline: float) -> dict[int, Result]:
+    """Each distinct sentence synthesised alone on ``server``."""
+    references = {}
+    for text in range(min(requests, len(TEXTS))):
+        references[text] = asyncio.run(stream_one_alone(server.url, text, deadline))
+        if references[text].status != 200:
+            raise UserError(f"the reference request for {TEXTS[text]!r} failed: {references[text].error}")
+    return references
+
+
+def measure_server(args: argparse.Namespace, max_batch: int, references: dict[int, Result],
+                   deadline: float) -> tuple[dict, dict[int, Result]]:
+    """One server (``--max-batch max_batch``): its references against ``references``, the levels, the storms."""
+    mode = {"max_batch": max_batch, "levels": [], "skipped_levels": []}
+    with serving(args.engine, args.max_queue, max_batch) as server:
+        own = take_references(server, args.requests, deadline)
+        references = references or own
+        mode["references_differing"] = sum(own[i].sha256 != references[i].sha256 for i in own)
         for concurrency in args.levels:
             if time.monotonic() > deadline:
-                report["skipped_levels"].append(concurrency)
+                mode["skipped_levels"].append(concurrency)
                 continue
             results, wall_s = asyncio.run(run_level(server.url, concurrency, args.requests, deadline))
-            report["levels"].append(summarize(concurrency, results, wall_s, references))
-            print(f"{concurrency} clients: {wall_s:.1f} s", file=sys.stderr)
-        if args.disconnects:
-            report["disconnects"] = disconnect_storms(server, args.disconnects, args.disconnect_rounds,
-                                                      references[0], deadline)
+            mode["levels"].append(summarize(concurrency, results, wall_s, references))
+            print(f"--max-batch {max_batch}, {concurrency} clients: {wall_s:.1f} s", file=sys.stderr)
+        if args.disconnects and time.monotonic() < deadline:
+            mode["disconnects"] = disconnect_storms(server, args.disconnects, args.disconnect_rounds,
+                                                    references[0], deadline)
+    return mode, references
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Per server mode: start it, check its references, run the levels and the storms."""
+    deadline = time.monotonic() + args.time_limit
+    report = {"load_average_before": os.getloadavg(), "modes": []}
+    references: dict[int, Result] = {}
+    for max_batch in args.max_batch:
+        mode, references = measure_server(args, max_batch, references, deadline)
+        report["modes"].append(mode)
+    report["references"] = [asdict(r) for r in references.values()]
     report["load_average_after"] = os.getloadavg()
     return report
 
@@ -290,39 +311,60 @@ def render_markdown(report: dict) -> str:
     cpu = f"{machine['cpu']}, {machine['cores']} cores"
     load = report["load_average_before"][0]
     lines = [f"# Speech server under load ({settings['engine']})", "",
-             f"{report['date']}. CPU: {cpu}; onnxruntime {machine['versions']['onnxruntime']}. Server: "
-             f"`python -m melle_runtime.serve --max-queue {settings['max_queue']}` (uvicorn on loopback, one "
-             "worker thread decoding one request at a time). Clients: httpx in one process on the same CPU, "
-             f"streaming wav; {settings['requests']} requests per level over {settings['sentences']} distinct "
-             "sentences; each response compared byte for byte with its sentence synthesised alone."]
+             f"{report['date']}. CPU: {cpu}; onnxruntime {machine['versions']['onnxruntime']}. Servers: "
+             f"`python -m melle_runtime.serve --max-queue {settings['max_queue']} --max-batch N` (uvicorn on "
+             "loopback; N = 1 decodes one request at a time, N > 1 batches up to N requests continuously), one "
+             "after the other in this run. Clients: httpx in one process on the same CPU, streaming wav; "
+             f"{settings['requests']} requests per level over {settings['sentences']} distinct sentences; each "
+             "response compared byte for byte with its sentence synthesised alone on the first server."]
     if load > BUSY_LOAD:
         lines += ["", f"Load average {load:.2f} on {machine['cores']} cores before the server started: other "
                       "work was using the CPU, so these figures are slower than on an idle machine."]
     if settings["note"]:
         lines += ["", settings["note"]]
-    lines += ["", f"| clients | CPU | requests | ok | 429 | errors | mismatched | first audio p50 / p90 s | "
-                  "RTF p50 / p90 | audio s per s | requests per s |", "|---:|---|---:|" + "---:|" * 8]
-    for level in report["levels"]:
-        first, rtf = level["first_audio_s"] or {"p50": 0, "p90": 0}, level["rtf"] or {"p50": 0, "p90": 0}
-        lines.append(f"| {level['concurrency']} | {cpu} | {level['requests']} | {level['ok']} | "
-                     f"{level['rate_limited']} | {level['errors']} | {level['mismatched']} | "
-                     f"{first['p50']:.2f} / {first['p90']:.2f} | {rtf['p50']:.2f} / {rtf['p90']:.2f} | "
-                     f"{level['audio_s_per_s']:.2f} | {level['requests_per_s']:.2f} |")
-    if report["skipped_levels"]:
-        lines += ["", f"Not run (the {settings['time_limit_s']:g} s time limit was reached): "
-                      f"{', '.join(map(str, report['skipped_levels']))} clients."]
-    if "disconnects" in report:
-        lines += ["", *storm_markdown(report["disconnects"], cpu)]
-    lines += ["", "Not measured: batching across requests (a `--batching` comparison). The server decodes one "
-                  "request at a time; there is no batching in the step graph to compare with yet."]
+    lines += ["", f"| max batch | clients | CPU | requests | ok | 429 | errors | mismatched | first audio p50 / p90 s "
+                  "| RTF p50 / p90 | audio s per s | requests per s |", "|---:|---:|---|---:|" + "---:|" * 8]
+    for mode in report["modes"]:
+        for level in mode["levels"]:
+            first, rtf = level["first_audio_s"] or {"p50": 0, "p90": 0}, level["rtf"] or {"p50": 0, "p90": 0}
+            lines.append(f"| {mode['max_batch']} | {level['concurrency']} | {cpu} | {level['requests']} | "
+                         f"{level['ok']} | {level['rate_limited']} | {level['errors']} | {level['mismatched']} | "
+                         f"{first['p50']:.2f} / {first['p90']:.2f} | {rtf['p50']:.2f} / {rtf['p90']:.2f} | "
+                         f"{level['audio_s_per_s']:.2f} | {level['requests_per_s']:.2f} |")
+    lines += ["", *batching_markdown(report["modes"])]
+    for mode in report["modes"]:
+        if mode["references_differing"]:
+            lines += ["", f"**--max-batch {mode['max_batch']}: {mode['references_differing']} sentences alone "
+                          "differ from the first server's audio.**"]
+        if mode["skipped_levels"]:
+            lines += ["", f"--max-batch {mode['max_batch']}, not run (the {settings['time_limit_s']:g} s time limit "
+                          f"was reached): {', '.join(map(str, mode['skipped_levels']))} clients."]
+        if "disconnects" in mode:
+            lines += ["", *storm_markdown(mode["disconnects"], cpu, mode["max_batch"])]
     return "\n".join(lines) + "\n"
 
 
-def storm_markdown(storm: dict, cpu: str) -> list[str]:
+def batching_markdown(modes: list[dict]) -> list[str]:
+    """Throughput of each batching server over the one-at-a-time server, level by level."""
+    unbatched = next((m for m in modes if m["max_batch"] == 1), None)
+    batched = [m for m in modes if m["max_batch"] > 1]
+    if unbatched is None or not batched:
+        return ["Batching across requests: not compared in this run (give --max-batch 1,N)."]
+    lines = ["## Batching", "", "Throughput (audio seconds per second) with continuous batching over one request "
+             "at a time, same clients, same run:", ""]
+    alone = {level["concurrency"]: level["audio_s_per_s"] for level in unbatched["levels"]}
+    for mode in batched:
+        ratios = [f"{level['concurrency']} clients {level['audio_s_per_s'] / alone[level['concurrency']]:.2f}x"
+                  for level in mode["levels"] if alone.get(level["concurrency"])]
+        lines.append(f"- --max-batch {mode['max_batch']}: {', '.join(ratios) or 'no level in common'}")
+    return lines
+
+
+def storm_markdown(storm: dict, cpu: str, max_batch: int) -> list[str]:
     outcomes = ", ".join(f"{what}: {n}" for what, n in storm["outcomes"].items())
     rss = ", ".join(f"{mb:.0f}" for mb in storm["rss_mb_after_round"])
     growth = storm["rss_growth_mb"]
-    return ["## Clients that hang up", "",
+    return [f"## Clients that hang up (--max-batch {max_batch})", "",
             f"{storm['rounds']} round{'s' * (storm['rounds'] != 1)} (after one warm-up round) of "
             f"{storm['clients_per_round']} clients at once, "
             f"half leaving after their first audio bytes, half after {QUEUED_HANG_UP_S} s; CPU: {cpu}.", "",
@@ -340,28 +382,37 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--levels", default="1,2,4,8", help="concurrent clients per level (default: %(default)s)")
     p.add_argument("--requests", type=int, default=8, help="requests per level (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=8, help="the server's --max-queue (default: %(default)s)")
+    p.add_argument("--max-batch", default="1", help="the servers' --max-batch, one server each, comma-separated: "
+                   "1,4 compares batching with one request at a time (default: %(default)s)")
     p.add_argument("--disconnects", type=int, default=16, help="clients per storm; 0 skips it (default: %(default)s)")
     p.add_argument("--disconnect-rounds", type=int, default=3, help="storms after the warm-up (default: %(default)s)")
     p.add_argument("--time-limit", type=float, default=600, help="seconds for everything (default: %(default)s)")
     p.add_argument("--note", default="", help="a sentence for the report, e.g. what else ran on the machine")
     p.add_argument("--out", default="benchmarks/results/serve_load", help="directory for serve_load.json and .md")
     args = p.parse_args(argv)
-    try:
-        args.levels = [int(n) for n in args.levels.split(",")]
-    except ValueError:
-        p.error(f"--levels takes comma-separated client counts such as 1,2,4,8, got {args.levels!r}")
-    for option, value, least in (("--levels", min(args.levels), 1), ("--requests", args.requests, 1),
+    for option, example in (("levels", "1,2,4,8"), ("max_batch", "1,4")):
+        try:
+            setattr(args, option, [int(n) for n in getattr(args, option).split(",")])
+        except ValueError:
+            p.error(f"--{option.replace('_', '-')} takes comma-separated counts such as {example}, "
+                    f"got {getattr(args, option)!r}")
+    for option, value, least in (("--levels", min(args.levels), 1), ("--max-batch", min(args.max_batch), 1),
+                                 ("--requests", args.requests, 1),
                                  ("--max-queue", args.max_queue, 1), ("--disconnects", args.disconnects, 0),
                                  ("--disconnect-rounds", args.disconnect_rounds, 1),
                                  ("--time-limit", args.time_limit, 1)):
         if value < least:
             p.error(f"{option} must be at least {least}, got {value}")
-    if not read_manifest(args.engine).has_vocoder:
+    manifest = read_manifest(args.engine)
+    if not manifest.has_vocoder:
         raise UserError(f"{args.engine} has no vocoder; export it with one (the default of export/to_onnx.py)")
+    if max(args.max_batch) > 1 and manifest.attention != "gqa":
+        raise UserError(f"--max-batch above 1 needs an engine exported with --attention gqa; {args.engine} has "
+                        f"{manifest.attention} attention")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"engine": str(args.engine), "levels": args.levels, "requests": args.requests,
-                "sentences": min(args.requests, len(TEXTS)), "max_queue": args.max_queue,
+                "sentences": min(args.requests, len(TEXTS)), "max_queue": args.max_queue, "max_batch": args.max_batch,
                 "time_limit_s": args.time_limit, "note": args.note, "response_format": "wav"}
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "settings": settings,
               "texts": TEXTS, **measure(args)}

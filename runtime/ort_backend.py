@@ -62,10 +62,13 @@ class OrtBackend:
         self.outputs = ["e", *map(present_of, self.past_names)]  # of the prefill and the step
         self.cache: list[np.ndarray] = []  # one buffer per name in past_names
 
-    def start(self, batch: int, max_len: int) -> None:
+    def check_capacity(self, max_len: int) -> None:
         if max_len > self.capacity:
             raise EngineError(f"this utterance needs {max_len} positions; the engine was exported for "
                               f"{self.capacity} (--max-len): shorten the text or re-export")
+
+    def start(self, batch: int, max_len: int) -> None:
+        self.check_capacity(max_len)
         length = self.capacity if self.kv_mode == "full" else max_len
         if not self.cache or self.cache[0].shape[1] != batch or self.cache[0].shape[0] < length:
             shape = (length, batch, self.cfg.n_head, self.cfg.head_dim)

@@ -1,13 +1,16 @@
 """An OpenAI-compatible speech server over the runtime: ``POST /v1/audio/speech`` and friends.
 
     python -m melle_runtime.serve --engine engines/demo [--host 127.0.0.1 --port 8000] [--voices DIR]
-        [--max-queue 8] [--max-chars 4096] [--threads N]
+        [--max-queue 8] [--max-chars 4096] [--threads N] [--max-batch N]
 
 Speech is streamed as it is made (``Synthesizer.stream``): as raw bytes of ``response_format``
 (``stream_format="audio"``) or as server-sent events (``"sse"``: ``speech.audio.delta`` events
-with base64 audio, then ``speech.audio.done``). One engine decodes one request at a time, on a
-worker thread off the event loop; up to ``--max-queue`` requests wait, more get 429. A client
-that disconnects stops its decoding at the next chunk. Errors found before the audio starts are
+with base64 audio, then ``speech.audio.done``). Decoding runs off the event loop. By default one
+engine decodes one request at a time; with ``--max-batch N`` (engines exported with
+``--attention gqa``) up to N requests decode together, joining and leaving the batch between steps
+(``melle_runtime.batching``). Up to ``--max-queue`` requests are admitted (decoding or waiting),
+more get 429. A client that disconnects stops its decoding at the next chunk (batched: frees its
+row at the next step). Errors found before the audio starts are
 OpenAI-shaped JSON (400 bad input, 422 schema, 429 queue full, 503 loading); a failure once the
 audio flows ends the stream without its final bytes and is counted in ``/metrics``.
 
@@ -31,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -44,7 +47,8 @@ from melle.core.cli import ExitCode, UserError, run_cli
 from melle.core.manifest import EngineError, read_manifest
 from melle.core.text import EmptyTextError, UnknownSymbolError
 from melle_runtime.audio_encoding import CONTENT_TYPES, chunk_encoder
-from melle_runtime.synthesizer import BACKENDS, Synthesizer
+from melle_runtime.batching import ContinuousBatcher
+from melle_runtime.synthesizer import BACKENDS, AudioChunk, Synthesizer
 
 DEFAULT_VOICE = "demo"
 MODEL_ID = "melle"
@@ -113,18 +117,26 @@ class Metrics:
                                      registry=self.registry, buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
         self.rtf = Histogram("melle_real_time_factor", "synthesis seconds per second of audio",
                              registry=self.registry, buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 4))
+        self.batch_rows = Histogram("melle_decode_batch_rows", "requests advanced by each decoder step (--max-batch)",
+                                    registry=self.registry, buckets=(1, 2, 4, 8, 16))
 
 
 class SpeechService:
-    """The engine, its voices and the one worker thread that decodes, with a bounded queue."""
+    """The engine, its voices and the worker threads that stream requests' audio, with a bounded queue.
+
+    Unbatched, one worker decodes one request at a time. Batched, each admitted request has a worker
+    that hands on the chunks the batcher's decode thread makes for it.
+    """
 
     def __init__(self, engine: str | Path, voices: dict[str, Voice], backend: str = "ort-cpu",
-                 max_queue: int = 8, max_chars: int = 4096, threads: int | None = None):
+                 max_queue: int = 8, max_chars: int = 4096, threads: int | None = None, max_batch: int = 1):
         self.engine, self.backend, self.voices, self.threads = engine, backend, voices, threads
-        self.max_queue, self.max_chars = max_queue, max_chars
+        self.max_queue, self.max_chars, self.max_batch = max_queue, max_chars, max_batch
         self.synth: Synthesizer | None = None  # set once loaded and warmed up
+        self.batcher: ContinuousBatcher | None = None  # with max_batch > 1
         self.load_error: str | None = None  # why loading failed, if it did
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speech")
+        self.worker = ThreadPoolExecutor(max_workers=1 if max_batch == 1 else max_queue + 1,
+                                         thread_name_prefix="speech")
         self.admitted = 0
         self.lock = threading.Lock()
         self.metrics = Metrics()
@@ -136,12 +148,23 @@ class SpeechService:
             for voice in self.voices.values():
                 if voice.prompt_wav is not None:
                     synth.prompt_mel(voice.prompt_wav, voice.prompt_text)
-            list(synth.stream("Ready.", seed=0))
+            if self.max_batch > 1:
+                self.batcher = ContinuousBatcher(synth, self.max_batch, on_step=self.metrics.batch_rows.observe)
+            list((self.batcher or synth).stream("Ready.", seed=0))
         except Exception as err:  # noqa: BLE001 - the server stays up and says why in /health
             self.load_error = f"{type(err).__name__}: {err}"
             print(f"error: the engine did not load: {self.load_error}", file=sys.stderr)
             return
         self.synth = synth
+
+    def chunks(self, text: str, voice: Voice) -> Iterator[AudioChunk]:
+        """``text`` spoken by ``voice`` as audio chunks (seed 0: a request's audio does not depend on the load)."""
+        return (self.batcher or self.synth).stream(text, voice.prompt_wav, voice.prompt_text, seed=0)
+
+    def close(self) -> None:
+        self.worker.shutdown(wait=False, cancel_futures=True)
+        if self.batcher is not None:
+            self.batcher.close()
 
     def check(self, request: SpeechRequest) -> Voice:
         """The request's voice, once everything that can be checked without decoding is fine."""
@@ -217,7 +240,7 @@ class AudioStream:
         if self.cancelled.is_set():  # the client left while queued: decode nothing for it
             return None
         try:
-            chunks = synth.stream(self.request.input, self.voice.prompt_wav, self.voice.prompt_text, seed=0)
+            chunks = self.service.chunks(self.request.input, self.voice)
             encoder = chunk_encoder(self.request.response_format, synth.sample_rate)
         except BAD_INPUT as err:
             return "refused", ApiError(400, str(err), "input")
@@ -294,7 +317,7 @@ def create_app(service: SpeechService, load_in_background: bool = True) -> FastA
         if not load_in_background:
             await loading
         yield
-        service.worker.shutdown(wait=False, cancel_futures=True)
+        service.close()
 
     app = FastAPI(title="melle-rt speech", lifespan=lifespan)
 
@@ -359,6 +382,7 @@ class ServerSettings:
     max_queue: int = 8  # requests decoding or waiting; more get 429
     max_chars: int = 4096  # longest input accepted
     threads: int | None = None  # ONNX Runtime intra-op threads; None: one per core
+    max_batch: int = 1  # requests decoded together (continuous batching; > 1 needs a gqa engine)
 
 
 def add_server_arguments(p: argparse.ArgumentParser) -> None:
@@ -371,24 +395,35 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=8, help="requests decoding or waiting; more get 429")
     p.add_argument("--max-chars", type=int, default=4096, help="longest input accepted")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads per engine (default: one per core)")
+    p.add_argument("--max-batch", type=int, default=1,
+                   help="requests decoded together by continuous batching; above 1 needs an engine exported "
+                        "with --attention gqa (default: 1, one request at a time)")
 
 
 def server_settings(p: argparse.ArgumentParser, args: argparse.Namespace) -> ServerSettings:
     """Checked settings: bad limits are usage errors, a missing engine or voice an error before serving."""
-    limits = {"--max-queue": args.max_queue, "--max-chars": args.max_chars, "--threads": args.threads}
+    limits = {"--max-queue": args.max_queue, "--max-chars": args.max_chars, "--threads": args.threads,
+              "--max-batch": args.max_batch}
     for option, value in limits.items():
         if value is not None and value < 1:
             p.error(f"{option} must be at least 1, got {value}")
     engine = Path(args.engine).resolve()
-    read_manifest(engine)  # a missing or damaged engine is an error before the server starts
+    manifest = read_manifest(engine)  # a missing or damaged engine is an error before the server starts
+    if args.max_batch > 1 and manifest.attention != "gqa":
+        raise UserError(f"--max-batch {args.max_batch} needs an engine exported with --attention gqa (each request "
+                        f"decodes at its own position); {engine} has {manifest.attention} attention: re-export "
+                        "it with --attention gqa, or leave out --max-batch")
+    if args.max_batch > manifest.batch_max:
+        p.error(f"--max-batch {args.max_batch} is more than the engine's batch_max {manifest.batch_max}")
     voices = load_voices(Path(args.voices).resolve() if args.voices else None)
-    return ServerSettings(engine, voices, args.backend, args.max_queue, args.max_chars, args.threads)
+    return ServerSettings(engine, voices, args.backend, args.max_queue, args.max_chars, args.threads,
+                          args.max_batch)
 
 
 def build_app(settings: ServerSettings, load_in_background: bool = True) -> FastAPI:
     """A new service over ``settings`` and its app; each call loads its own engine at startup."""
     service = SpeechService(settings.engine, settings.voices, settings.backend, settings.max_queue,
-                            settings.max_chars, settings.threads)
+                            settings.max_chars, settings.threads, settings.max_batch)
     return create_app(service, load_in_background)
 
 

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from melle.core.audio import load_wav, mel_spectrogram
-from melle.core.decoding import Decoded, DecodeOptions, Decoding, decode
+from melle.core.decoding import Decoded, DecodeOptions, DecoderBackend, Decoding, decode
 from melle.core.text import (EmptyTextError, UnknownSymbolError, describe_symbols, normalize_text,
                         prompt_transcript_mismatch, tokenizer_from_spec, unspeakable_characters)
 from melle.core.manifest import EngineError, read_manifest, step_graph_name
@@ -264,6 +264,12 @@ class Synthesizer:
 
         Bad input and unusable engines raise here, before the first chunk is asked for.
         """
+        self.check_streamable(options)
+        prompt, pieces = self.plan(text, prompt_wav, prompt_text, options)
+        return self._stream(pieces, (prompt, prompt_text), seed, options, chunks)
+
+    def check_streamable(self, options: SynthesisOptions) -> None:
+        """Raise unless this engine can stream with ``options`` (one candidate, a vocoder, receptive fields)."""
         if options.candidates != 1:
             raise ValueError(f"streaming decodes one candidate per piece, got candidates={options.candidates}")
         if not self.manifest.has_vocoder:
@@ -272,8 +278,6 @@ class Synthesizer:
         if unknown:
             raise EngineError(f"{self.manifest.directory} does not record the receptive field of its {unknown} "
                               "graphs, which streaming needs: re-export it with this version of export/to_onnx.py")
-        prompt, pieces = self.plan(text, prompt_wav, prompt_text, options)
-        return self._stream(pieces, (prompt, prompt_text), seed, options, chunks)
 
     def _stream(self, pieces: list[Piece], user_prompt: tuple[np.ndarray | None, str | None], seed: int | None,
                 options: SynthesisOptions, chunks: ChunkPlan) -> Iterator[AudioChunk]:
@@ -312,9 +316,10 @@ class Synthesizer:
         return AudioChunk(audio.result(), self.sample_rate, piece)
 
     def decoding(self, text: str, prompt_mel: np.ndarray | None, prompt_text: str | None, seed: int | None,
-                 options: SynthesisOptions) -> Decoding:
-        """A decode of one piece in progress, step by step (``mel`` runs one to the end)."""
-        return Decoding(self.backend, self.cfg, self.token_ids(text, prompt_mel, prompt_text), prompt_mel,
+                 options: SynthesisOptions, backend: DecoderBackend | None = None) -> Decoding:
+        """A decode of one piece in progress, step by step (``mel`` runs one to the end), on this
+        synthesizer's backend or on ``backend`` (one row of a batch: ``melle_runtime.batching``)."""
+        return Decoding(backend or self.backend, self.cfg, self.token_ids(text, prompt_mel, prompt_text), prompt_mel,
                         options.decode_options(self.cfg, self.preset), seed)
 
     def mel_stream(self, chunks: ChunkPlan, first_chunk: int) -> MelStream:

@@ -64,3 +64,12 @@ def voiced_engine(tiny_checkpoint, tmp_path_factory):
     from melle_export.to_onnx import export
 
     return export(tiny_checkpoint(1), tmp_path_factory.mktemp("voiced") / "engine", vocoder="hifigan-universal")
+
+
+@pytest.fixture(scope="session")
+def voiced_gqa_engine(tiny_checkpoint, tmp_path_factory):
+    """The voiced engine's model on GroupQueryAttention graphs (continuous batching needs them)."""
+    from melle_export.to_onnx import export
+
+    return export(tiny_checkpoint(1), tmp_path_factory.mktemp("voiced_gqa") / "engine", vocoder="hifigan-universal",
+                  attention="gqa")

@@ -1,5 +1,6 @@
 """The speech server, as applications use it: the real `openai` client over loopback HTTP."""
 
+import argparse
 import base64
 import io
 import json
@@ -217,3 +218,43 @@ def test_the_demo_voice_through_the_server_is_understood(tmp_path):
                                               response_format=response_format).read()
             heard = scorer.transcribe(*decode(data))
             assert utterance_wer(text, heard) <= DEMO_WER_BOUND, (response_format, heard)
+
+
+def test_batched_requests_each_get_the_audio_they_get_alone(voiced_gqa_engine):
+    """Continuous batching (--max-batch) through the openai client: concurrent answers equal lone ones."""
+    texts = ["First of all.", "A second request, a little longer than the first.", "Third.", "Four and last."]
+    service = SpeechService(voiced_gqa_engine, load_voices(None), max_queue=4, max_batch=3)
+    with serving(service) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+        def ask(text: str) -> bytes:
+            return client.audio.speech.create(model="melle", voice="demo", input=text, response_format="wav").read()
+
+        alone = [ask(text) for text in texts]
+        together: list[bytes | None] = [None] * len(texts)
+
+        def ask_at(i: int) -> None:
+            together[i] = ask(texts[i])
+
+        threads = [threading.Thread(target=ask_at, args=(i,)) for i in range(len(texts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert together == alone
+        assert service.batcher.rows == [None] * 3 and service.admitted == 0
+        metrics = httpx.get(f"{url}/metrics").text
+        single_row_steps = float(metrics.split('melle_decode_batch_rows_bucket{le="1.0"} ')[1].split()[0])
+        steps = float(metrics.split("melle_decode_batch_rows_count ")[1].split()[0])
+        assert single_row_steps < steps  # the requests did decode together
+
+
+def test_batching_needs_a_gqa_engine(voiced_engine):
+    from melle.core.cli import UserError
+    from melle_runtime.serve import add_server_arguments, server_settings
+
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    args = parser.parse_args(["--engine", str(voiced_engine), "--max-batch", "4"])
+    with pytest.raises(UserError, match="re-export it with --attention gqa"):
+        server_settings(parser, args)

@@ -118,30 +118,50 @@ class Decoding:
         self.stop_logits: list[np.ndarray] = []
         self.made = [0] * batch
         self.stopped = [False] * batch
+        self.threshold_logit = float(np.log(options.stop_threshold / (1.0 - options.stop_threshold)))
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        threshold_logit = float(np.log(self.options.stop_threshold / (1.0 - self.options.stop_threshold)))
-        for t in range(self.max_steps):
+        for _ in range(self.max_steps):
             masks, eps = self.source.step()
             _, _, y, stop = self.backend.latent(self.e, eps)
-            if not (np.isfinite(y).all() and np.isfinite(stop).all()):
-                raise FloatingPointError(f"the model produced NaN/inf at step {t}: the weights are damaged or a "
-                                         "reduced-precision backend overflowed; try the FP32 backend (ort-cpu)")
-            self.outputs.append(y)
-            self.stop_logits.append(stop)
-            for b, done in enumerate(self.stopped):
-                if done:
-                    continue
-                self.made[b] = t + 1
-                if self.options.stop_enabled and t + 1 >= self.options.min_steps and stop[b] > threshold_logit:
-                    self.stopped[b] = True
+            over = self.take(y, stop)
             yield y
-            if all(self.stopped) or t + 1 == self.max_steps:
+            if over:
                 break
-            self.e = self.backend.step(y, masks, self.prefix + t)
+            self.e = self.backend.step(y, masks, self.position)
+        self.warn_if_cut()
+
+    @property
+    def position(self) -> int:
+        """The slot the latest y' group's K/V goes to when it is fed back."""
+        return self.prefix + len(self.outputs) - 1
+
+    def take(self, y: np.ndarray, stop: np.ndarray) -> bool:
+        """Record one step's latent output (y' ``[B, frame_dim]``, stop logits ``[B]``) and apply the
+        stop rule; True once the decode is over (every candidate stopped, or ``max_steps``).
+
+        The step itself belongs to whoever drives the decode: ``__iter__`` here, or a scheduler
+        that steps many decodes in one batch (``melle_runtime.batching``).
+        """
+        t = len(self.outputs)
+        if not (np.isfinite(y).all() and np.isfinite(stop).all()):
+            raise FloatingPointError(f"the model produced NaN/inf at step {t}: the weights are damaged or a "
+                                     "reduced-precision backend overflowed; try the FP32 backend (ort-cpu)")
+        self.outputs.append(y)
+        self.stop_logits.append(stop)
+        for b, done in enumerate(self.stopped):
+            if done:
+                continue
+            self.made[b] = t + 1
+            if self.options.stop_enabled and t + 1 >= self.options.min_steps and stop[b] > self.threshold_logit:
+                self.stopped[b] = True
+        return all(self.stopped) or t + 1 == self.max_steps
+
+    def warn_if_cut(self) -> None:
+        """Say so when the decode ended at ``max_steps`` rather than by the stop head."""
         if self.options.stop_enabled and not all(self.stopped):
             warnings.warn(f"{self.stopped.count(False)} of {len(self.stopped)} candidates reached {self.max_steps} "
-                          "steps without the stop head firing; their audio is cut there", stacklevel=2)
+                          "steps without the stop head firing; their audio is cut there", stacklevel=3)
 
     def coarse(self, b: int = 0) -> np.ndarray:
         """Candidate ``b``'s y' frames so far (up to its stop), ``[frames, n_mels]``."""
