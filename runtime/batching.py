@@ -5,9 +5,9 @@ cache, ``OrtGqaBackend.prefill_row``) and leaves when its text is spoken or its 
 freeing the row for the next one. Each request keeps its own row, noise (its seed) and stop
 (``Decoding.take``), and each row advances at its own position (``step_rows``), so a request's
 audio is what it would be alone. Post-net and vocoder run per request as in ``Synthesizer.stream``;
-their chunks go to one vocoder thread earliest deadline first (a request's deadline: its arrival
-plus the audio already made for it), so a new request's first chunk does not wait behind the
-long chunks of streams that are already playing.
+their chunks go to one vocoder thread, the chunk of the request that has been given the least audio
+first: a new request's first chunk does not wait behind the chunks of streams that are already
+playing, and when the CPU cannot keep every stream in real time, they all slow down alike.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -35,8 +34,8 @@ from melle_runtime.text_pieces import Piece
 VOCODER_JOBS_AHEAD = 2
 
 
-class DeadlineExecutor:
-    """Runs submitted calls on one thread, earliest deadline first (ties: in the order submitted)."""
+class PriorityExecutor:
+    """Runs submitted calls on one thread, lowest ``priority`` first (ties: in the order submitted)."""
 
     def __init__(self, name: str):
         self.jobs: queue.PriorityQueue = queue.PriorityQueue()
@@ -44,9 +43,9 @@ class DeadlineExecutor:
         self.thread = threading.Thread(target=self._work, name=name, daemon=True)
         self.thread.start()
 
-    def submit(self, deadline: float, fn: Callable, *args) -> Future:
+    def submit(self, priority: float, fn: Callable, *args) -> Future:
         future: Future = Future()
-        self.jobs.put((deadline, next(self.order), future, fn, args))
+        self.jobs.put((priority, next(self.order), future, fn, args))
         return future
 
     def _work(self) -> None:
@@ -95,20 +94,14 @@ class SpeechJob:
     user_prompt: tuple[np.ndarray | None, str | None]
     seed: int | None
     options: SynthesisOptions
-    arrived: float = field(default_factory=time.perf_counter)
     piece: int = -1  # the piece being decoded
     decoding: Decoding | None = None
     stream: MelStream | None = None
-    audio_seconds: float = 0.0  # audio handed to the vocoder so far
+    audio_seconds: float = 0.0  # audio handed to the vocoder so far: its vocoder priority
     # (piece, Future of its audio) in playing order; None: the end; an exception: the request failed.
     out: queue.Queue = field(default_factory=queue.Queue)
     vocoding: list[Future] = field(default_factory=list)  # vocoder jobs not yet done
     cancelled: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def deadline(self) -> float:
-        """When its client needs the next audio, were it played in real time from its arrival."""
-        return self.arrived + self.audio_seconds
 
     def paused(self) -> bool:
         self.vocoding = [job for job in self.vocoding if not job.done()]
@@ -151,7 +144,7 @@ class ContinuousBatcher:
         self.waiting: deque[SpeechJob] = deque()
         self.wake = threading.Condition()
         self.closing = False
-        self.vocoder = DeadlineExecutor("vocoder")
+        self.vocoder = PriorityExecutor("vocoder")
         self.thread = threading.Thread(target=self._loop, name="batch-decode", daemon=True)
         self.thread.start()
 
@@ -314,7 +307,7 @@ class ContinuousBatcher:
 
     def _vocode(self, job: SpeechJob, chunks) -> None:
         for chunk in chunks:
-            audio = self.vocoder.submit(job.deadline, chunk.run, self.synth.vocode)
+            audio = self.vocoder.submit(job.audio_seconds, chunk.run, self.synth.vocode)
             audio.add_done_callback(self._notify)
             job.vocoding.append(audio)
             job.out.put((job.piece, audio))

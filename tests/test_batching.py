@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from melle.core.manifest import EngineError, read_manifest
-from melle_runtime.batching import ContinuousBatcher, DeadlineExecutor
+from melle_runtime.batching import ContinuousBatcher, PriorityExecutor
 from melle_runtime.ort_gqa_backend import OrtGqaBackend
 from melle_runtime.synthesizer import SynthesisOptions, Synthesizer
 
@@ -124,11 +124,11 @@ def test_standard_engines_and_oversized_batches_are_refused_with_what_to_do(voic
         ContinuousBatcher(Synthesizer(voiced_gqa_engine), max_batch=1000)
 
 
-def test_vocoder_jobs_run_earliest_deadline_first():
-    executor = DeadlineExecutor("test")
+def test_vocoder_jobs_run_lowest_priority_value_first():
+    executor = PriorityExecutor("test")
     gate, ran = threading.Event(), []
     executor.submit(0, gate.wait)  # holds the thread while the others queue up
-    jobs = [executor.submit(deadline, ran.append, deadline) for deadline in (3.0, 1.0, 2.0)]
+    jobs = [executor.submit(priority, ran.append, priority) for priority in (3.0, 1.0, 2.0)]
     gate.set()
     for job in jobs:
         job.result(timeout=10)
