@@ -322,7 +322,7 @@ def render_markdown(report: dict) -> str:
                       "work was using the CPU, so these figures are slower than on an idle machine."]
     if settings["note"]:
         lines += ["", settings["note"]]
-    lines += ["", f"| max batch | clients | CPU | requests | ok | 429 | errors | mismatched | first audio p50 / p90 s "
+    lines += ["", "| max batch | clients | CPU | requests | ok | 429 | errors | mismatched | first audio p50 / p90 s "
                   "| RTF p50 / p90 | audio s per s | requests per s |", "|---:|---:|---|---:|" + "---:|" * 8]
     for mode in report["modes"]:
         for level in mode["levels"]:

@@ -283,12 +283,13 @@ class Synthesizer:
                 options: SynthesisOptions, chunks: ChunkPlan) -> Iterator[AudioChunk]:
         pending: deque[tuple[int, Future]] = deque()  # (piece, audio) in playing order: vocoder jobs and pauses
         started = False
+        stream: MelStream | None = None  # the previous piece's, then this piece's
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vocoder") as vocoder:
             try:
                 for i, piece in enumerate(pieces):
-                    previous = (np.stack(stream.coarse), pieces[i - 1].text) if i else None
+                    previous = (np.stack(stream.coarse), pieces[i - 1].text) if stream else None
                     prompt, prompt_text = self.piece_prompt(piece, user_prompt, previous, options)
-                    stream = self.mel_stream(chunks, stream.chunks if i else 0)
+                    stream = self.mel_stream(chunks, stream.chunks if stream else 0)
 
                     def submit(jobs, piece_index=i) -> None:
                         pending.extend((piece_index, vocoder.submit(job.run, self.vocode)) for job in jobs)
