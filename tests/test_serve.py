@@ -222,7 +222,10 @@ def test_the_demo_voice_through_the_server_is_understood(tmp_path):
 
 def test_batched_requests_each_get_the_audio_they_get_alone(voiced_gqa_engine):
     """Continuous batching (--max-batch) through the openai client: concurrent answers equal lone ones."""
-    texts = ["First of all.", "A second request, a little longer than the first.", "Third.", "Four and last."]
+    # Several sentences each: a request keeps its row from piece to piece, so the four overlap.
+    texts = ["First of all. Then some more. And then a little more.",
+             "A second request, a little longer than the first. It has two sentences. No, three.",
+             "Third. Short ones. One word. Then four.", "Four and last. Almost done. Done."]
     service = SpeechService(voiced_gqa_engine, load_voices(None), max_queue=4, max_batch=3)
     with serving(service) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
