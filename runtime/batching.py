@@ -192,9 +192,12 @@ class ContinuousBatcher:
                 if self.closing:
                     break
                 joining = self._seat_waiting()
-            for row, job in joining:
-                self._start_piece(row, job)
-            self._step()
+            try:
+                for row, job in joining:
+                    self._start_piece(row, job)
+                self._step()
+            except Exception as err:  # noqa: BLE001 - a bug: fail the requests in the batch, keep serving
+                self._fail_all([(row, job) for row, job in enumerate(self.rows) if job is not None], err)
         for job in [*self.rows, *self.waiting]:
             if job is not None:
                 job.fail(RuntimeError("the speech server is shutting down"))

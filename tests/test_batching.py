@@ -139,3 +139,14 @@ def test_vocoder_jobs_run_lowest_priority_value_first():
         job.result(timeout=10)
     assert ran == [1.0, 2.0, 3.0]
     executor.shutdown()
+
+
+def test_a_bug_in_one_step_fails_the_requests_in_the_batch_and_it_goes_on_serving(batcher, alone, monkeypatch):
+    def broken(*_):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(batcher.synth, "mel_stream", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        list(start(batcher, *REQUESTS[0]))
+    monkeypatch.undo()
+    assert np.array_equal(speak(batcher, *REQUESTS[0]), alone[0])
