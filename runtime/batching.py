@@ -235,9 +235,7 @@ class ContinuousBatcher:
             job.decoding = self.synth.decoding(piece.text, prompt, prompt_text, seed, job.options,
                                                BatchRow(self.backend, row))
         except Exception as err:  # noqa: BLE001 - this request fails, the others go on
-            job.fail(err)
-            self._free(row, job)
-            return
+            return self._fail(row, job, err)
         job.stream = self.synth.mel_stream(self.chunk_plan, job.stream.chunks if job.stream else 0)
 
     def _free(self, row: int, job: SpeechJob) -> None:
@@ -265,8 +263,7 @@ class ContinuousBatcher:
                 over = job.decoding.take(y[i:i + 1], stop[i:i + 1])
                 self._vocode(job, job.stream.push(y[i].reshape(-1, self.synth.cfg.n_mels)))
             except Exception as err:  # noqa: BLE001
-                job.fail(err)
-                self._free(row, job)
+                self._fail(row, job, err)
                 continue
             if over:
                 self._end_piece(row, job)
@@ -286,7 +283,7 @@ class ContinuousBatcher:
         for row in range(k):
             job = self.rows[row]
             if job is not None and job.decoding is not None:
-                positions[row] = job.decoding.prefix + len(job.decoding.outputs)
+                positions[row] = job.decoding.position + 1  # its next free slot
         for row, job, step_masks in going:
             frames[row], masks[row] = job.decoding.outputs[-1][0], step_masks[0]
             positions[row] = job.decoding.position
@@ -300,12 +297,12 @@ class ContinuousBatcher:
     def _end_piece(self, row: int, job: SpeechJob) -> None:
         job.decoding.warn_if_cut()
         self._vocode(job, job.stream.finish())
-        pause_s = job.pieces[job.piece].pause_after
-        if pause_s:
+        piece = job.pieces[job.piece]
+        if piece.pause_after:
             pause: Future = Future()
-            pause.set_result(np.zeros(int(pause_s * self.synth.sample_rate), np.float32))
+            pause.set_result(self.synth.pause(piece))
             job.out.put((job.piece, pause))
-            job.audio_seconds += pause_s
+            job.audio_seconds += piece.pause_after
         self._start_piece(row, job)
 
     def _vocode(self, job: SpeechJob, chunks) -> None:
@@ -316,7 +313,10 @@ class ContinuousBatcher:
             job.out.put((job.piece, audio))
             job.audio_seconds += (chunk.stop - chunk.start) / self.synth.sample_rate
 
+    def _fail(self, row: int, job: SpeechJob, err: BaseException) -> None:
+        job.fail(err)
+        self._free(row, job)
+
     def _fail_all(self, active: list[tuple[int, SpeechJob]], err: BaseException) -> None:
         for row, job in active:
-            job.fail(err)
-            self._free(row, job)
+            self._fail(row, job, err)

@@ -246,7 +246,7 @@ class Synthesizer:
                 warnings.warn(f"piece {i + 1} ({piece.text[:40]!r}): {w.message}", stacklevel=2)
             mels.append(decoded.mel)
             previous = (decoded.coarse[decoded.best], piece.text)
-            audio += [self.vocode(decoded.mel), np.zeros(int(piece.pause_after * self.sample_rate), np.float32)]
+            audio += [self.vocode(decoded.mel), self.pause(piece)]
             seconds += sum(len(a) for a in audio[-2:]) / self.sample_rate
             if progress:
                 progress(i + 1, len(pieces), seconds)
@@ -305,13 +305,17 @@ class Synthesizer:
                     submit(stream.finish())
                     if piece.pause_after:
                         pause: Future = Future()
-                        pause.set_result(np.zeros(int(piece.pause_after * self.sample_rate), np.float32))
+                        pause.set_result(self.pause(piece))
                         pending.append((i, pause))
                 while pending:
                     yield self._chunk(*pending.popleft())
             finally:
                 for _, job in pending:
                     job.cancel()
+
+    def pause(self, piece: Piece) -> np.ndarray:
+        """The silence that follows ``piece`` (from its punctuation; empty for none)."""
+        return np.zeros(int(piece.pause_after * self.sample_rate), np.float32)
 
     def _chunk(self, piece: int, audio: Future) -> AudioChunk:
         return AudioChunk(audio.result(), self.sample_rate, piece)
