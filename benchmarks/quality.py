@@ -246,6 +246,9 @@ class Reference:
             self.model = load_checkpoint(ckpt)
         except CheckpointError as err:
             raise UserError(f"--ckpt: {err}", ExitCode.MODEL) from None
+        if options.align_guide and not self.model.cfg.guided_heads:
+            raise UserError(f"--align-guide: {ckpt} names no guided heads (config guided_heads); it cannot be "
+                            "guided by alignment", ExitCode.MODEL)
         self.tokenizer = tokenizer_from_spec(self.model.cfg.tokenizer)
         self.preset = get_preset(self.model.cfg.mel_preset)
         self.vocoder = torch_vocoder(self.model.cfg.mel_preset)
@@ -355,6 +358,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="sentence i is decoded with seed + i")
     p.add_argument("--candidates", type=int, default=1,
                    help="runtime and reference sample N per sentence and keep the decoder's pick")
+    p.add_argument("--align-guide", action="store_true",
+                   help="runtime and reference decode with alignment-guided decoding (model with guided heads)")
     p.add_argument("--beam-size", type=int, default=5, help="Whisper beam size")
     p.add_argument("--save-audio", action="store_true", help="also write every scored clip under DIR/audio/")
     p.add_argument("--out", default="benchmarks/results/quality", help="output directory")
@@ -448,7 +453,7 @@ def main(argv=None) -> None:
     if inputs.voice_note:
         print(inputs.voice_note, flush=True)
     synth = Synthesizer(args.engine, backend=args.backend) if args.engine else None
-    options = SynthesisOptions(candidates=args.candidates)
+    options = SynthesisOptions(candidates=args.candidates, align_guide=args.align_guide)
     reference = Reference(args.ckpt, options) if args.ckpt else None
     mel_preset = synth.cfg.mel_preset if synth else reference.preset.name if reference else DEFAULT_MEL_PRESET
     rate = get_preset(mel_preset).sample_rate

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from melle.core.config import MelleConfig
+from melle.core.alignment import ALIGN_ATTENTION, ALIGN_BIAS
 from melle.core.kv_names import past_names, present_names
 from melle.model import Melle
 from melle.vocoder import HifiganConfig, context_frames
@@ -34,16 +35,23 @@ class Prefill(nn.Module):
 
 
 class DecoderStep(nn.Module):
-    """One frame group at ``position`` against a read-only past -> e and the new K/V slice."""
+    """One frame group at ``position`` against a read-only past -> e and the new K/V slice.
+
+    A model with guided heads also takes ``align_bias [B, past_len]`` (after the past) and returns
+    their mean attention over the past ``align [B, past_len]`` (last): alignment-guided decoding.
+    """
 
     def __init__(self, model: Melle):
         super().__init__()
         self.model = model
 
-    def forward(self, frames, prenet_masks, position, *past):
+    def forward(self, frames, prenet_masks, position, *past_and_bias):
+        aligned = bool(self.model.cfg.guided_heads)
+        past = past_and_bias[:-1] if aligned else past_and_bias
         x = self.model.embed_step(frames, prenet_masks, position)
-        hidden, new_k, new_v = self.model.decode_past(x, list(past[0::2]), list(past[1::2]), position)
-        return (hidden[:, 0], *[t for pair in zip(new_k, new_v) for t in pair])
+        hidden, new_k, new_v, align = self.model.decode_past(x, list(past[0::2]), list(past[1::2]), position,
+                                                             past_and_bias[-1] if aligned else None)
+        return (hidden[:, 0], *[t for pair in zip(new_k, new_v) for t in pair], *([align] if aligned else []))
 
 
 class LatentHeadGraph(nn.Module):
@@ -111,14 +119,19 @@ def model_graphs(model: Melle) -> list[GraphSpec]:
         lambda rng: [rng.integers(2, cfg.n_text_vocab, (2, 9)).astype(np.int64),
                      rng.standard_normal((2, 3, cfg.frame_dim)).astype(np.float32), masks_of(rng, (2, 3))],
     )
+    aligned = bool(cfg.guided_heads)
     step = GraphSpec(
-        "decoder_step", DecoderStep(model), ["frames", "prenet_masks", "position"] + past_names(cfg.n_layer),
-        ["e"] + present_names(cfg.n_layer),
+        "decoder_step", DecoderStep(model),
+        ["frames", "prenet_masks", "position"] + past_names(cfg.n_layer) + [ALIGN_BIAS] * aligned,
+        ["e"] + present_names(cfg.n_layer) + [ALIGN_ATTENTION] * aligned,
         {"frames": batch, "prenet_masks": batch, "e": batch,
          **{n: {0: "past_len", 1: "batch"} for n in past_names(cfg.n_layer)},
-         **{n: {1: "batch"} for n in present_names(cfg.n_layer)}},
+         **{n: {1: "batch"} for n in present_names(cfg.n_layer)},
+         **{n: {0: "batch", 1: "past_len"} for n in [ALIGN_BIAS, ALIGN_ATTENTION][: 2 * aligned]}},
         lambda rng: [rng.standard_normal((2, cfg.frame_dim)).astype(np.float32), masks_of(rng, (2,)),
-                     np.array([12], np.int64), *_past(cfg, rng, 2, 12)],
+                     np.array([12], np.int64), *_past(cfg, rng, 2, 12),
+                     # A window of open slots in a sea of strongly biased ones, as a guided decode gives.
+                     *[np.where(np.arange(12) % 5 == 0, 0.0, -4.0)[None].repeat(2, 0).astype(np.float32)] * aligned],
     )
     latent = GraphSpec(
         "latent_head", LatentHeadGraph(model), ["e", "eps"], ["mu", "logvar", "y_coarse", "stop_logit"],

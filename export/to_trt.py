@@ -60,6 +60,7 @@ from tqdm import tqdm
 
 from melle.core.cli import ExitCode, OutputError, run_cli
 from melle.core.fileio import atomic_path
+from melle.core.alignment import ALIGN_BIAS
 from melle.core.kv_names import past_names
 from melle_export.trt_support import TRT_GRAPHS, TrtCompatibilityError, fp32_islands, require_compatible
 from melle.core.manifest import (TIMING_CACHE_FILE, EngineError, EngineManifest, TrtBuild, TrtEngine,
@@ -102,7 +103,9 @@ def profiles(manifest: EngineManifest, batch_max: int, max_len: int, max_prompt_
                     "prompt_frames": ((1, 0, fd), (1, opt_prompt, fd), (batch_max, max_prompt, fd)),
                     "prompt_masks": ((1, 0, *masks), (1, opt_prompt, *masks), (batch_max, max_prompt, *masks))},
         "decoder_step": {"frames": batched(fd), "prenet_masks": batched(*masks),
-                         "position": ((1,), (1,), (1,)), **past},
+                         "position": ((1,), (1,), (1,)), **past,
+                         # The guided heads' bias covers the whole fixed-capacity cache, like the past.
+                         **({ALIGN_BIAS: batched(max_len)} if cfg.guided_heads else {})},
         "latent_head": {"e": batched(cfg.d_model), "eps": batched(fd)},
         "postnet": {"coarse": mel},
         "vocoder": {"mel": mel},

@@ -30,6 +30,7 @@ from melle.checkpoint import CheckpointError, load_checkpoint
 from melle.core.cli import ExitCode, UserError, run_cli
 from melle.core.decoding import DecodeOptions, decode
 from melle.generate import TorchBackend, generate
+from melle.core.alignment import ALIGN_BIAS
 from melle.core.kv_names import is_past
 from melle.vocoder import load_hifigan
 from melle_export.fp16_check import relative_error
@@ -183,9 +184,11 @@ def trt_graph_checks(manifest, specs: dict, rng) -> list[Check]:
     checks = []
     for name, engine in entry.engines.items():
         feed = dict(zip(specs[name].inputs, specs[name].example(rng)))
-        if name == "decoder_step":  # the engine takes the whole fixed-capacity cache
+        if name == "decoder_step":  # the engine takes the whole fixed-capacity cache (and a bias over it)
             feed |= {k: rng.standard_normal((entry.max_len, *v.shape[1:])).astype(np.float32)
                      for k, v in feed.items() if is_past(k)}
+            if ALIGN_BIAS in feed:
+                feed[ALIGN_BIAS] = rng.standard_normal((len(feed["frames"]), entry.max_len)).astype(np.float32)
         runners = [TrtRunner(EngineFromPath(str(manifest.directory / engine.file))),
                    OnnxrtRunner(SessionFromOnnx(str(manifest.graph_path(name)), providers=["cpu"]))]
         (_, [ours]), (_, [reference]) = Comparator.run(runners, data_loader=[feed])

@@ -25,6 +25,7 @@ class TorchBackend:
         self.capacity = model.cfg.max_len  # the position table
         self.vocoder = vocoder  # a HiFi-GAN generator of the model's mel preset, if vocode() is needed
         self.cache: KVCache | None = None
+        self.aligned = bool(model.cfg.guided_heads)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.asarray(array)).to(self.device)
@@ -43,6 +44,20 @@ class TorchBackend:
         x = self.model.embed_step(self._tensor(frames), self._tensor(masks),
                                   torch.tensor([position], device=self.device))
         return self.model.decode_cached(x, self.cache, position)[:, 0].cpu().numpy()
+
+    @torch.inference_mode()
+    def step_aligned(self, frames, masks, position, text_bias):
+        """``step`` through the exported step's math (``decode_past``): the guided heads' scores get
+        ``text_bias`` and their attention over the text comes back."""
+        position_t = torch.tensor([position], device=self.device)
+        x = self.model.embed_step(self._tensor(frames), self._tensor(masks), position_t)
+        bias = torch.zeros(frames.shape[0], position, device=self.device)
+        bias[:, : text_bias.shape[1]] = self._tensor(text_bias)
+        hidden, new_k, new_v, align = self.model.decode_past(
+            x, [k[:position] for k in self.cache.k], [v[:position] for v in self.cache.v], position_t, bias)
+        for layer, (k, v) in enumerate(zip(new_k, new_v)):
+            self.cache.k[layer][position], self.cache.v[layer][position] = k[0], v[0]
+        return hidden[:, 0].cpu().numpy(), align[:, : text_bias.shape[1]].cpu().numpy()
 
     @torch.inference_mode()
     def latent(self, e, eps):
@@ -73,6 +88,7 @@ class NoCacheTorchBackend(TorchBackend):
     def __init__(self, model: Melle):
         super().__init__(model)
         self.model.requires_grad_(False)  # no autograd graph, as under inference_mode
+        self.aligned = False  # step_aligned reads the KV cache, which this baseline does not keep
         self.sequence: torch.Tensor | None = None  # embedded inputs so far [B, max_len, d_model]
 
     def start(self, batch: int, max_len: int) -> None:

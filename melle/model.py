@@ -125,24 +125,31 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
         return self.merge_heads(y)
 
-    def forward_past(self, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
-                     position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_past(self, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, position: torch.Tensor,
+                     guided: list[int] = (), align_bias: torch.Tensor | None = None):
         """One step ``x [B, 1, d]`` against a read-only past ``[P, B, H, D]``.
 
         Slots at or beyond ``position`` are masked, so the past may be the filled prefix
         (P = position) or the whole preallocated buffer. The new K/V are attended
         separately and returned ``[1, B, H, D]`` for the caller to write at ``position``:
         no concatenation, so the cache is never copied inside the step.
+
+        ``guided`` heads get ``align_bias [B, P]`` added to their scores over the past, and
+        their attention over the past comes back ``[B, len(guided), P]`` (None without heads).
         """
         q, k, v = self.split_heads(x)  # [B, H, 1, D]
         scale = 1.0 / math.sqrt(self.head_dim)
         scores_past = torch.matmul(q, past_k.permute(1, 2, 3, 0)) * scale  # [B, H, 1, P]
         slots = torch.arange(past_k.shape[0], device=x.device)
         scores_past = scores_past.masked_fill(slots >= position, float("-inf"))
+        if guided and align_bias is not None:
+            bias = align_bias[:, None, :]  # [B, 1, P]
+            scores_past = torch.stack([s + bias if h in guided else s for h, s in enumerate(scores_past.unbind(1))], 1)
         scores_new = (q * k).sum(-1, keepdim=True) * scale  # [B, H, 1, 1]
         probs = torch.softmax(torch.cat([scores_past, scores_new], dim=-1), dim=-1)
         y = torch.matmul(probs[..., :-1], past_v.permute(1, 2, 0, 3)) + probs[..., -1:] * v
-        return self.merge_heads(y), k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)
+        attention = probs[:, list(guided), 0, :-1] if guided else None
+        return self.merge_heads(y), k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3), attention
 
     def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
         """Causal attention weights ``[B, H, T, T]`` (for the guided-attention loss)."""
@@ -275,21 +282,29 @@ class Melle(nn.Module):
         return self.ln_f(x)
 
     def decode_past(self, x: torch.Tensor, past_k: list[torch.Tensor], past_v: list[torch.Tensor],
-                    position: torch.Tensor):
-        """One step against read-only per-layer past K/V; returns hidden and the new K/V slices."""
-        new_k, new_v = [], []
+                    position: torch.Tensor, align_bias: torch.Tensor | None = None):
+        """One step against read-only per-layer past K/V; returns hidden, the new K/V slices and,
+        when the config names guided heads, their mean attention over the past ``[B, P]`` (else None).
+
+        ``align_bias [B, P]`` is added to the guided heads' scores (alignment-guided decoding).
+        """
+        new_k, new_v, attention = [], [], []
 
         def attend(i, block):
             def run(h):
-                y, k, v = block.attn.forward_past(h, past_k[i], past_v[i], position)
+                y, k, v, probs = block.attn.forward_past(h, past_k[i], past_v[i], position,
+                                                         self.cfg.guided_heads_of(i), align_bias)
                 new_k.append(k)
                 new_v.append(v)
+                if probs is not None:
+                    attention.append(probs)
                 return y
             return run
 
         for i, block in enumerate(self.blocks):
             x = block(x, attend(i, block))
-        return self.ln_f(x), new_k, new_v
+        align = torch.cat(attention, dim=1).mean(1) if attention else None
+        return self.ln_f(x), new_k, new_v, align
 
     def refine(self, y_coarse: torch.Tensor) -> torch.Tensor:
         """Post-net over ``y' [B, frames, n_mels]`` -> y''."""

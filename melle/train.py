@@ -201,14 +201,19 @@ def build_model(args, train_cfg: TrainConfig, out: Path) -> tuple[Melle, dict | 
     """The model and trainer state to resume from ``OUT/latest``, or a new model (seeded) and None."""
     latest = out / "latest"
     if args.resume and latest.exists():
-        return load_checkpoint(latest), load_trainer_state(latest)
-    texts = [u.text for u in read_corpus(args.manifest)]
-    tokenizer = build_tokenizer(args.tokenizer, texts)
-    overrides = dict(tokenizer=tokenizer.spec(), n_text_vocab=tokenizer.vocab_size, mel_preset=args.mel_preset)
-    if args.r:
-        overrides["r"] = args.r
-    torch.manual_seed(train_cfg.seed)
-    return Melle(preset_config(args.preset, **overrides)), None
+        model, state = load_checkpoint(latest), load_trainer_state(latest)
+    else:
+        texts = [u.text for u in read_corpus(args.manifest)]
+        tokenizer = build_tokenizer(args.tokenizer, texts)
+        overrides = dict(tokenizer=tokenizer.spec(), n_text_vocab=tokenizer.vocab_size, mel_preset=args.mel_preset)
+        if args.r:
+            overrides["r"] = args.r
+        torch.manual_seed(train_cfg.seed)
+        model, state = Melle(preset_config(args.preset, **overrides)), None
+    loss = train_cfg.loss
+    if loss.guided_weight > 0:  # the config tells inference which heads align (alignment-guided decoding)
+        model.cfg.guided_heads = [[layer, head] for layer in loss.guided_layers for head in loss.guided_heads]
+    return model, state
 
 
 def append_log_row(path: Path, row: dict) -> None:

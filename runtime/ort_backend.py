@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
+from melle.core.alignment import ALIGN_ATTENTION, ALIGN_BIAS
 from melle.core.kv_names import is_past, present_of
 from melle.core.manifest import EngineError, EngineManifest, step_graph_name
 
@@ -60,6 +61,8 @@ class OrtBackend:
         # The cache follows the step graph's own signature; outputs are asked for by name, in its order.
         self.past_names = [i.name for i in self.sessions["step"].get_inputs() if is_past(i.name)]
         self.outputs = ["e", *map(present_of, self.past_names)]  # of the prefill and the step
+        # A step graph of a model with guided heads takes their bias and returns their attention.
+        self.aligned = any(i.name == ALIGN_BIAS for i in self.sessions["step"].get_inputs())
         self.cache: list[np.ndarray] = []  # one buffer per name in past_names
 
     def check_capacity(self, max_len: int) -> None:
@@ -81,18 +84,34 @@ class OrtBackend:
             buffer[: new.shape[0]] = new
         return e
 
-    def step_feed(self, frames, masks, position) -> dict[str, np.ndarray]:
-        """The step graph's inputs at ``position``: the cache as views, not copies."""
+    def step_feed(self, frames, masks, position, text_bias=None) -> dict[str, np.ndarray]:
+        """The step graph's inputs at ``position``: the cache as views, not copies; the guided
+        heads' bias (if the graph takes one) is ``text_bias`` over the text and 0 elsewhere."""
         visible = self.cache[0].shape[0] if self.kv_mode == "full" else position
         feed = {"frames": frames, "prenet_masks": masks, "position": np.array([position], np.int64)}
         feed.update((name, buffer[:visible]) for name, buffer in zip(self.past_names, self.cache))
+        if self.aligned:
+            feed[ALIGN_BIAS] = np.zeros((frames.shape[0], visible), np.float32)
+            if text_bias is not None:
+                feed[ALIGN_BIAS][:, : text_bias.shape[1]] = text_bias
         return feed
 
     def step(self, frames, masks, position):
-        e, *present = self.sessions["step"].run(self.outputs, self.step_feed(frames, masks, position))
+        return self._step(frames, masks, position)[0]
+
+    def step_aligned(self, frames, masks, position, text_bias):
+        e, align = self._step(frames, masks, position, text_bias)
+        return e, align[:, : text_bias.shape[1]]
+
+    def _step(self, frames, masks, position, text_bias=None):
+        """Run the step and write its K/V at ``position``; returns e and the guided heads' attention
+        (None for a graph without them)."""
+        names = self.outputs + [ALIGN_ATTENTION] * self.aligned
+        e, *present = self.sessions["step"].run(names, self.step_feed(frames, masks, position, text_bias))
+        align = present.pop() if self.aligned else None
         for buffer, new in zip(self.cache, present):
             buffer[position] = new[0]
-        return e
+        return e, align
 
     def latent(self, e, eps):
         mu, logvar, y, stop = self.sessions["latent"].run(None, {"e": e, "eps": eps})

@@ -162,6 +162,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     p.add_argument("--backend", choices=BACKENDS, default="ort-cpu", help="(default: %(default)s)")
     p.add_argument("--candidates", type=int, default=1, help="sample N, keep the best (default: %(default)s)")
+    p.add_argument("--align-guide", action="store_true",
+                   help="alignment-guided decoding: keep the model's attention moving through the text in order "
+                        "(needs an engine of a model with guided heads)")
     p.add_argument("--max-seconds", type=float, default=30.0, help="cap per sentence (default: %(default)s)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--strict", action="store_true", help="characters the voice cannot speak are an error")
@@ -199,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         check_output_file(args.mel_png, args.overwrite, "--mel-png")
     jobs = [stream_job(args)] if args.stream else plan_jobs(args)
     options = SynthesisOptions(candidates=args.candidates, max_seconds=args.max_seconds, strict=args.strict,
-                               rolling_prompt=args.rolling_prompt)
+                               rolling_prompt=args.rolling_prompt, align_guide=args.align_guide)
     with Synthesizer(args.engine, backend=args.backend, threads=args.threads) as synth:
         if args.stream:
             stream_speech(synth, jobs[0], args, options)

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from melle.core.alignment import AlignOptions
 from melle.core.audio import load_wav, mel_spectrogram
 from melle.core.decoding import Decoded, DecodeOptions, DecoderBackend, Decoding, decode
 from melle.core.text import (EmptyTextError, UnknownSymbolError, describe_symbols, normalize_text,
@@ -46,6 +47,9 @@ class SynthesisOptions:
     # cross-sentence prompt) instead of the user's prompt, which then prompts the first piece only.
     # The frames are y', what the decoder fed itself: the same bits whole or streamed.
     rolling_prompt: bool = False
+    # Alignment-guided decoding (melle.core.alignment): keeps the decode moving through the text in
+    # order; needs an engine of a model with guided heads, exported with standard attention.
+    align_guide: bool = False
 
     def __post_init__(self) -> None:
         if self.candidates < 1:
@@ -57,7 +61,8 @@ class SynthesisOptions:
         """The decode loop's options for a model ``cfg`` whose frames follow mel ``preset``."""
         frames_per_second = preset.sample_rate / preset.hop_length
         max_steps = max(1, math.ceil(self.max_seconds * frames_per_second / cfg.r))
-        return DecodeOptions(stop_threshold=self.stop_threshold, max_steps=max_steps, candidates=self.candidates)
+        return DecodeOptions(stop_threshold=self.stop_threshold, max_steps=max_steps, candidates=self.candidates,
+                             align=AlignOptions() if self.align_guide else None)
 
 
 @dataclass
@@ -138,13 +143,15 @@ class Synthesizer:
     def mel(self, text: str, prompt_mel: np.ndarray | None = None, prompt_text: str | None = None,
             seed: int | None = None, options: SynthesisOptions = SynthesisOptions()) -> Decoded:
         """Decode one piece to mel frames (prompt transcript prepended when prompting)."""
-        return decode(self.backend, self.cfg, self.token_ids(text, prompt_mel, prompt_text), prompt_mel,
-                      options.decode_options(self.cfg, self.preset), seed=seed)
+        ids, start = self.token_ids(text, prompt_mel, prompt_text)
+        return decode(self.backend, self.cfg, ids, prompt_mel, options.decode_options(self.cfg, self.preset),
+                      seed=seed, text_start=start)
 
-    def token_ids(self, text: str, prompt_mel: np.ndarray | None, prompt_text: str | None) -> list[int]:
-        """The piece's tokens, after the prompt's transcript when there is a prompt."""
+    def token_ids(self, text: str, prompt_mel: np.ndarray | None, prompt_text: str | None) -> tuple[list[int], int]:
+        """The piece's tokens, after the prompt's transcript when there is a prompt, and where the piece's begin."""
         ids = self.tokenizer.encode(text, on_unknown="drop")
-        return ids if prompt_mel is None else self.tokenizer.encode(prompt_text, on_unknown="drop") + ids
+        prompt_ids = [] if prompt_mel is None else self.tokenizer.encode(prompt_text, on_unknown="drop")
+        return prompt_ids + ids, len(prompt_ids)
 
     def vocode(self, mel: np.ndarray) -> np.ndarray:
         """Waveform ``[samples]`` float32 from a log-mel ``[frames, n_mels]``."""
@@ -195,10 +202,18 @@ class Synthesizer:
     def plan(self, text: str, prompt_wav, prompt_text: str | None, options: SynthesisOptions) -> tuple[
             np.ndarray | None, list[Piece]]:
         """The prompt's mel (or None) and ``text`` cut into pieces that fit the engine beside it."""
+        self.check_options(options)
         self.check_speakable(text, options.strict)
         prompt = self.prompt_mel(prompt_wav, prompt_text) if prompt_wav is not None else None
         prompt_positions = 0 if prompt is None else self.prompt_positions(prompt, prompt_text)
         return prompt, self.speakable(self.pieces(text, prompt_positions, options.rolling_prompt), text)
+
+    def check_options(self, options: SynthesisOptions) -> None:
+        """Raise if this engine cannot decode with ``options``."""
+        if options.align_guide and not getattr(self.backend, "aligned", False):
+            raise EngineError(f"{self.manifest.directory} cannot guide decoding by alignment: it needs a model "
+                              "trained with guided heads (config guided_heads) exported with --attention standard "
+                              "by this melle-rt; re-export it, or decode without --align-guide")
 
     def speakable(self, pieces: list[Piece], text: str) -> list[Piece]:
         """``pieces`` without those of only unspeakable characters (already warned about), which
@@ -324,8 +339,9 @@ class Synthesizer:
                  options: SynthesisOptions, backend: DecoderBackend | None = None) -> Decoding:
         """A decode of one piece in progress, step by step (``mel`` runs one to the end), on this
         synthesizer's backend or on ``backend`` (one row of a batch: ``melle_runtime.batching``)."""
-        return Decoding(backend or self.backend, self.cfg, self.token_ids(text, prompt_mel, prompt_text), prompt_mel,
-                        options.decode_options(self.cfg, self.preset), seed)
+        ids, start = self.token_ids(text, prompt_mel, prompt_text)
+        return Decoding(backend or self.backend, self.cfg, ids, prompt_mel, options.decode_options(self.cfg, self.preset),
+                        seed, text_start=start)
 
     def mel_stream(self, chunks: ChunkPlan, first_chunk: int) -> MelStream:
         """Chunked post-net and vocoder windows for one piece, with the engine's receptive fields."""

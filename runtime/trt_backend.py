@@ -16,7 +16,8 @@ How a decode runs on the device (one CUDA stream, one execution context per engi
   Its new K/V slices land in a scratch block and one ``cudaMemcpy2DAsync`` (device to
   device) scatters all layers' slices into the cache at the position offset.
 - Host data crosses in single copies through pinned staging blocks: the step's position,
-  frames and pre-net masks in one upload and e in one readback; the latent head's e and
+  frames and pre-net masks (and, for a model with guided heads, their bias over the cache)
+  in one upload and e in one readback (a guided decode reads back the heads' attention too); the latent head's e and
   noise eps in one upload, mu, logvar, y' and the stop logits in one readback. Further
   options: keep frames on the device and read stop logits back every K steps (chunked),
   or capture K steps with the stop check on the device (DESIGN.md "Lessons from peers").
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from melle.core.alignment import ALIGN_ATTENTION, ALIGN_BIAS
 from melle.core.kv_names import is_past, present_of
 from melle.core.manifest import EngineError, EngineManifest, TrtBuild, sha256_of
 
@@ -242,8 +244,11 @@ class TrtBackend:
         cfg, b = self.cfg, self.batch_max
         # The cache holds one layer per cache input of the step engine, in its order.
         self.past_names = [name for name in self.engines["decoder_step"].inputs if is_past(name)]
+        # A model with guided heads: the step takes their bias over the cache and returns their attention.
+        self.aligned = ALIGN_BIAS in self.engines["decoder_step"].inputs
+        guided = {ALIGN_BIAS: 4 * b * self.capacity, ALIGN_ATTENTION: 4 * b * self.capacity} if self.aligned else {}
         self.step_io = _Block(self.cuda, {"position": 8, "frames": 4 * b * cfg.frame_dim,
-                                          "prenet_masks": 4 * b * 2 * cfg.prenet_dim})
+                                          "prenet_masks": 4 * b * 2 * cfg.prenet_dim, **guided})
         self.latent_io = _Block(self.cuda, {"e": 4 * b * cfg.d_model, "eps": 4 * b * cfg.frame_dim,
                                             "mu": 4 * b * cfg.frame_dim, "logvar": 4 * b * cfg.frame_dim,
                                             "y_coarse": 4 * b * cfg.frame_dim, "stop_logit": 4 * b})
@@ -292,8 +297,9 @@ class TrtBackend:
         self.cuda(rt.cudaMemsetAsync(self.kv, 0, nbytes, self.cuda.stream))
         cfg, kv_shape = self.cfg, (self.capacity, batch, self.cfg.n_head, self.cfg.head_dim)
         shapes = {"frames": (batch, cfg.frame_dim), "prenet_masks": (batch, 2, cfg.prenet_dim), "position": (1,),
-                  **{name: kv_shape for name in self.past_names}}
-        addresses = {name: self.step_io.ptr(name) for name in ("frames", "prenet_masks", "position")}
+                  **{name: kv_shape for name in self.past_names},
+                  **({ALIGN_BIAS: (batch, self.capacity)} if self.aligned else {})}
+        addresses = {name: self.step_io.ptr(name) for name in self.step_io.offsets}
         addresses["e"] = self.latent_io.ptr("e")
         for i, name in enumerate(self.past_names):
             addresses[name] = self._layer(i)
@@ -318,10 +324,25 @@ class TrtBackend:
         return self.latent_io.download({"e": (batch, self.cfg.d_model)})["e"]
 
     def step(self, frames, masks, position):
+        return self._step(frames, masks, position)
+
+    def step_aligned(self, frames, masks, position, text_bias):
+        e = self._step(frames, masks, position, text_bias)
+        attention = self.step_io.download({ALIGN_ATTENTION: (self.batch, self.capacity)})[ALIGN_ATTENTION]
+        return e, attention[:, : text_bias.shape[1]]
+
+    def _step(self, frames, masks, position, text_bias=None):
+        """One step with the guided heads' bias (when the engine takes one) ``text_bias`` over the
+        text and 0 elsewhere; returns e, with the step's attention left on the device."""
         if frames.shape[0] != self.batch:
             raise EngineError(f"step of batch {frames.shape[0]} on a cache started for {self.batch}")
-        self.step_io.upload({"position": np.array([position], np.int64), "frames": frames.astype(np.float32),
-                             "prenet_masks": masks.astype(np.float32)})
+        arrays = {"position": np.array([position], np.int64), "frames": frames.astype(np.float32),
+                  "prenet_masks": masks.astype(np.float32)}
+        if self.aligned:
+            arrays[ALIGN_BIAS] = np.zeros((self.batch, self.capacity), np.float32)
+            if text_bias is not None:
+                arrays[ALIGN_BIAS][:, : text_bias.shape[1]] = text_bias
+        self.step_io.upload(arrays)
         if self.use_graph:
             if self.graph is None:
                 self.graph = self._capture()

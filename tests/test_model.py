@@ -72,7 +72,7 @@ def test_read_only_past_step_matches_cached_step(whole_buffer):
         for k in cache.k:
             k[position:] = 1e3
     x = model.embed_step(frames[:, 2], masks[:, 2], torch.tensor([position]))
-    e_past, new_k, _ = model.decode_past(x, [k[:past_len] for k in cache.k], [v[:past_len] for v in cache.v],
+    e_past, new_k, _, _ = model.decode_past(x, [k[:past_len] for k in cache.k], [v[:past_len] for v in cache.v],
                                          torch.tensor(position))
     for k in cache.k:
         k[position:] = 0

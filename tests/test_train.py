@@ -234,6 +234,8 @@ def test_new_options_reach_the_saved_run_and_a_bad_one_is_refused(corpus, tmp_pa
     saved = load_trainer_state(tmp_path / "latest")["train_config"]
     assert saved["input_noise"] == 0.2 and saved["decay"] == "cosine"
     assert list(saved["loss"]["guided_layers"]) == [0, 1] and list(saved["loss"]["guided_heads"]) == [0, 1]
+    # The model's config names the guided heads, for alignment-guided decoding of its exports.
+    assert load_checkpoint(tmp_path / "latest").cfg.guided_heads == [[0, 0], [0, 1], [1, 0], [1, 1]]
     assert all(np.isfinite(float(row["guided"])) for row in read_log(tmp_path))
     train(corpus, tmp_path, "--steps", 1, "--batch-frames", 200, "--resume", "--cycle-start", 2,
           "--total-steps", 100)

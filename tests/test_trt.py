@@ -151,6 +151,9 @@ def test_profiles_pin_the_step_cache_for_cuda_graphs(tiny_engine):
     low, opt, high = shapes["decoder_step"]["past_key_0"]
     assert low[0] == opt[0] == high[0] == 100 and (low[1], high[1]) == (1, 4)
     assert shapes["decoder_step"]["position"] == ((1,), (1,), (1,))
+    # Every step input has a profile, the guided heads' bias over the whole cache included.
+    assert set(shapes["decoder_step"]) == {io.name for io in manifest.graphs["decoder_step"].inputs}
+    assert shapes["decoder_step"]["align_bias"] == ((1, 100), (1, 100), (4, 100))
     assert shapes["prefill"]["prompt_frames"][0] == (1, 0, cfg.frame_dim)
     # The longest text and prompt the prefill admits fit the position table together.
     assert shapes["prefill"]["text"][2][1] + shapes["prefill"]["prompt_frames"][2][1] <= 100

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Bumped when a field changes meaning; older readers refuse newer files.
-FORMAT_VERSION = 1
+# Bumped when a field changes meaning or is added; older readers refuse newer files.
+# 2: guided_heads.
+FORMAT_VERSION = 2
 
 N_SPECIAL_TOKENS = 2  # PAD and EOS, see melle.core.text
 
@@ -50,6 +51,9 @@ class MelleConfig:
     # Text: the tokenizer spec (melle.core.text.tokenizer_from_spec) travels with the model.
     tokenizer: dict[str, Any] = field(default_factory=lambda: {"kind": "chars", "symbols": []})
     n_text_vocab: int = 256  # embedding rows, including PAD and EOS
+    # [layer, head] pairs trained with the guided-attention loss: their attention over the text is
+    # near-diagonal, so it tells where in the text a decode is (alignment-guided decoding).
+    guided_heads: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.format_version > FORMAT_VERSION:
@@ -67,10 +71,18 @@ class MelleConfig:
             raise ConfigError(f"postnet_kernel must be odd to keep length, got {self.postnet_kernel}")
         if self.n_text_vocab <= N_SPECIAL_TOKENS:
             raise ConfigError(f"n_text_vocab must exceed {N_SPECIAL_TOKENS}, got {self.n_text_vocab}")
+        for pair in self.guided_heads:
+            if not (len(pair) == 2 and 0 <= pair[0] < self.n_layer and 0 <= pair[1] < self.n_head):
+                raise ConfigError(f"guided_heads entries are [layer, head] with layer < {self.n_layer} and "
+                                  f"head < {self.n_head}, got {pair}")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+    def guided_heads_of(self, layer: int) -> list[int]:
+        """The guided heads of ``layer`` (often none)."""
+        return [head for at, head in self.guided_heads if at == layer]
 
     @property
     def frame_dim(self) -> int:

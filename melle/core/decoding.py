@@ -14,6 +14,7 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
+from melle.core.alignment import AlignmentGuide, AlignOptions
 from melle.core.config import MelleConfig
 from melle.core.noise import Noise, NoiseSource
 from melle.core.text import EOS_ID
@@ -32,6 +33,15 @@ class DecoderBackend(Protocol):
 
     def step(self, frames: np.ndarray, masks: np.ndarray, position: int) -> np.ndarray:
         """Frame group [B, frame_dim] at ``position`` -> e [B, d]; writes its K/V into the cache."""
+
+    # Alignment-guided decoding (``DecodeOptions.align``), where ``aligned`` is True: the model has
+    # guided heads and the backend's step graph takes their bias and returns their attention.
+    aligned: bool
+
+    def step_aligned(self, frames: np.ndarray, masks: np.ndarray, position: int,
+                     text_bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``step`` with ``text_bias [B, n_text]`` on the guided heads' scores over the text (the
+        first n_text cache slots) -> e [B, d] and their mean attention over the text [B, n_text]."""
 
     def latent(self, e: np.ndarray, eps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """e [B, d], eps [B, frame_dim] -> mu, logvar, y' (each [B, frame_dim]), stop logit [B]."""
@@ -53,6 +63,7 @@ class DecodeOptions:
     max_steps: int = 1000  # frame groups per candidate; capped by the backend's capacity
     candidates: int = 1  # sample N in one batch and keep the best (paper section 5.3)
     stop_enabled: bool = True  # False: always make max_steps (benchmarks)
+    align: AlignOptions | None = None  # alignment-guided decoding (melle.core.alignment); None = off
 
 
 @dataclass
@@ -63,7 +74,7 @@ class Decoded:
     coarse: list[np.ndarray]
     n_groups: list[int]
     stopped: list[bool]
-    stop_logits: np.ndarray  # [B, steps] as the stop head gave them
+    stop_logits: np.ndarray  # [B, steps] as the stop head gave them, or as the alignment guide set them
     noise: Noise
     best: int
 
@@ -97,11 +108,17 @@ class Decoding:
     The one loop behind ``decode`` (the whole utterance) and streaming synthesis (frames as they
     come). Construction allocates the cache and runs the prefill; ``result()`` post-nets the
     finished candidates. A consumer that stops iterating stops the decoding: no step runs ahead.
+    ``text_start``: where the text to speak begins in ``text_ids`` (after a prompt's transcript),
+    for the alignment guide.
     """
 
     def __init__(self, backend: DecoderBackend, cfg: MelleConfig, text_ids: list[int],
                  prompt_mel: np.ndarray | None = None, options: DecodeOptions = DecodeOptions(),
-                 seed: int | None = None, noise: Noise | None = None):
+                 seed: int | None = None, noise: Noise | None = None, text_start: int = 0):
+        if options.align and not getattr(backend, "aligned", False):
+            raise ValueError("alignment-guided decoding needs a model trained with guided heads (config "
+                             "guided_heads) and an engine whose decoder step takes align_bias (exported with "
+                             "standard attention by this melle-rt): re-export, or decode without it")
         self.backend, self.cfg, self.options = backend, cfg, options
         batch = options.candidates
         tokens = np.array([list(text_ids) + [EOS_ID]] * batch, dtype=np.int64)
@@ -119,16 +136,21 @@ class Decoding:
         self.made = [0] * batch
         self.stopped = [False] * batch
         self.threshold_logit = float(np.log(options.stop_threshold / (1.0 - options.stop_threshold)))
+        self.guide = AlignmentGuide(tokens.shape[1], batch, text_start, options.align) if options.align else None
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for _ in range(self.max_steps):
             masks, eps = self.source.step()
             _, _, y, stop = self.backend.latent(self.e, eps)
-            over = self.take(y, stop)
+            over = self.take(y, self.guide.gate_stop(stop) if self.guide else stop)
             yield y
             if over:
                 break
-            self.e = self.backend.step(y, masks, self.position)
+            if self.guide:
+                self.e, attention = self.backend.step_aligned(y, masks, self.position, self.guide.bias())
+                self.guide.observe(attention)
+            else:
+                self.e = self.backend.step(y, masks, self.position)
         self.warn_if_cut()
 
     @property
@@ -176,13 +198,15 @@ class Decoding:
 
 
 def decode(backend: DecoderBackend, cfg: MelleConfig, text_ids: list[int], prompt_mel: np.ndarray | None = None,
-           options: DecodeOptions = DecodeOptions(), seed: int | None = None, noise: Noise | None = None) -> Decoded:
+           options: DecodeOptions = DecodeOptions(), seed: int | None = None, noise: Noise | None = None,
+           text_start: int = 0) -> Decoded:
     """Generate mel frames for ``text_ids`` (prompt text first, EOS is appended here).
 
-    ``prompt_mel [T, n_mels]`` is the acoustic prompt (continuation or cross-sentence).
+    ``prompt_mel [T, n_mels]`` is the acoustic prompt (continuation or cross-sentence); the text
+    to speak starts at ``text_start`` of ``text_ids``.
     Noise comes from ``seed`` or is replayed from ``noise``; the result records what was used.
     """
-    run = Decoding(backend, cfg, text_ids, prompt_mel, options, seed, noise)
+    run = Decoding(backend, cfg, text_ids, prompt_mel, options, seed, noise, text_start)
     for _ in run:
         pass
     return run.result()
