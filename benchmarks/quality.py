@@ -44,7 +44,7 @@ from melle.core.fileio import write_text_atomic
 from melle_bench.quality_metrics import (Row, build_report, cosine, mean_embedding, render_markdown,
                                          summarize_prompted, utterance_wer)
 from melle.core.manifest import EngineError
-from melle_runtime.synthesizer import BACKENDS, SynthesisOptions, Synthesizer
+from melle_runtime.synthesizer import ALIGN_GUIDE_MODES, BACKENDS, SynthesisOptions, Synthesizer
 
 WHISPER_RATE = 16000  # Whisper takes 16 kHz audio
 WARMUP_TEXT = "Hello there."  # first runs allocate and plan; not timed
@@ -246,13 +246,13 @@ class Reference:
             self.model = load_checkpoint(ckpt)
         except CheckpointError as err:
             raise UserError(f"--ckpt: {err}", ExitCode.MODEL) from None
-        if options.align_guide and not self.model.cfg.guided_heads:
-            raise UserError(f"--align-guide: {ckpt} names no guided heads (config guided_heads); it cannot be "
+        if options.align_guide == "on" and not self.model.cfg.guided_heads:
+            raise UserError(f"--align-guide on: {ckpt} names no guided heads (config guided_heads); it cannot be "
                             "guided by alignment", ExitCode.MODEL)
         self.tokenizer = tokenizer_from_spec(self.model.cfg.tokenizer)
         self.preset = get_preset(self.model.cfg.mel_preset)
         self.vocoder = torch_vocoder(self.model.cfg.mel_preset)
-        self.options = options.decode_options(self.model.cfg, self.preset)
+        self.options = options.decode_options(self.model.cfg, self.preset, aligned=bool(self.model.cfg.guided_heads))
 
     def clip(self, text: str, seed: int) -> Clip:
         """The checkpoint speaks ``text`` with ``seed``."""
@@ -358,8 +358,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="sentence i is decoded with seed + i")
     p.add_argument("--candidates", type=int, default=1,
                    help="runtime and reference sample N per sentence and keep the decoder's pick")
-    p.add_argument("--align-guide", action="store_true",
-                   help="runtime and reference decode with alignment-guided decoding (model with guided heads)")
+    p.add_argument("--align-guide", choices=ALIGN_GUIDE_MODES, default="auto",
+                   help="alignment-guided decoding of runtime and reference: auto where the model can, on, off")
     p.add_argument("--beam-size", type=int, default=5, help="Whisper beam size")
     p.add_argument("--save-audio", action="store_true", help="also write every scored clip under DIR/audio/")
     p.add_argument("--out", default="benchmarks/results/quality", help="output directory")

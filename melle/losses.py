@@ -108,20 +108,26 @@ def guided_attention_loss(attention: list[torch.Tensor], heads: tuple[int, ...],
 
 
 @torch.no_grad()
-def alignment_score(attention: list[torch.Tensor], text_lens: torch.Tensor, n_groups: torch.Tensor,
-                    band: float = 0.1) -> float:
-    """Best head's share of text attention within ``band`` of the diagonal (1.0 = aligned)."""
-    best = 0.0
+def head_alignment(attention: list[torch.Tensor], text_lens: torch.Tensor, n_groups: torch.Tensor,
+                   band: float = 0.1) -> torch.Tensor:
+    """Per layer given and head ``[layers, H]``: the share of each frame row's text attention within
+    ``band`` of the diagonal, averaged over rows (1.0 = aligned)."""
+    scores = []
     for attn in attention:
         valid, offset = _text_attention_grid(attn, text_lens, n_groups)
         near = valid & (offset.abs() < band)
-        for h in range(attn.shape[1]):
-            a = attn[:, h]
-            text_mass = (a * valid).sum(-1)  # [B, L] per row
-            near_mass = (a * near).sum(-1)
-            rows = text_mass > 0
-            best = max(best, float((near_mass[rows] / text_mass[rows]).mean()))
-    return best
+        text_mass = (attn * valid[:, None]).sum(-1)  # [B, H, L] per row
+        near_mass = (attn * near[:, None]).sum(-1)
+        rows = (text_mass > 0).float()
+        share = torch.where(text_mass > 0, near_mass / text_mass.clamp(min=1e-30), 0.0)
+        scores.append((share * rows).sum((0, 2)) / rows.sum((0, 2)).clamp(min=1))
+    return torch.stack(scores)
+
+
+def alignment_score(attention: list[torch.Tensor], text_lens: torch.Tensor, n_groups: torch.Tensor,
+                    band: float = 0.1) -> float:
+    """Best head's share of text attention within ``band`` of the diagonal (1.0 = aligned)."""
+    return float(head_alignment(attention, text_lens, n_groups, band).max()) if attention else 0.0
 
 
 @dataclass

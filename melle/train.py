@@ -162,7 +162,8 @@ def run_probe(checkpoint: Path, manifest: str, limit: int, out: Path) -> None:
     sentences = out / "sentences.txt"
     sentences.write_text("".join(row["text"] + "\n" for row in rows))
     command = [sys.executable, str(QUALITY_SCRIPT), "--ckpt", str(checkpoint), "--sentences", str(sentences),
-               "--ground-truth", str(manifest), "--limit", str(limit), "--out", str(out)]
+               "--ground-truth", str(manifest), "--limit", str(limit), "--out", str(out),
+               "--align-guide", "off"]  # free-running, as every probe before alignment-guided decoding
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         print(f"probe at {out} failed (exit {result.returncode}); training goes on:\n"
@@ -211,7 +212,9 @@ def build_model(args, train_cfg: TrainConfig, out: Path) -> tuple[Melle, dict | 
         torch.manual_seed(train_cfg.seed)
         model, state = Melle(preset_config(args.preset, **overrides)), None
     loss = train_cfg.loss
-    if loss.guided_weight > 0:  # the config tells inference which heads align (alignment-guided decoding)
+    # The config tells inference which heads align (alignment-guided decoding): at first every guided
+    # head; a choice measured since (python -m melle.align_heads --write) is kept.
+    if loss.guided_weight > 0 and not model.cfg.guided_heads:
         model.cfg.guided_heads = [[layer, head] for layer in loss.guided_layers for head in loss.guided_heads]
     return model, state
 

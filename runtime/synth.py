@@ -28,7 +28,7 @@ from melle.core.fileio import atomic_path, check_output_file
 from melle.core.text import EmptyTextError, UnknownSymbolError
 from melle.core.manifest import EngineError
 from melle_runtime.stream_output import RAW_PCM, RawPcmStream, WavStream, silence_closed_stdout
-from melle_runtime.synthesizer import BACKENDS, SynthesisOptions, Synthesizer
+from melle_runtime.synthesizer import ALIGN_GUIDE_MODES, BACKENDS, SynthesisOptions, Synthesizer
 
 DEFAULT_OUT = "out.wav"
 DEFAULT_OUT_DIR = "synth_out"
@@ -162,9 +162,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     p.add_argument("--backend", choices=BACKENDS, default="ort-cpu", help="(default: %(default)s)")
     p.add_argument("--candidates", type=int, default=1, help="sample N, keep the best (default: %(default)s)")
-    p.add_argument("--align-guide", action="store_true",
-                   help="alignment-guided decoding: keep the model's attention moving through the text in order "
-                        "(needs an engine of a model with guided heads)")
+    p.add_argument("--align-guide", choices=ALIGN_GUIDE_MODES, default="auto",
+                   help="alignment-guided decoding, which keeps the model's attention moving through the text in "
+                        "order: auto where the engine can (a model with guided heads, standard attention), on "
+                        "(required), off (default: %(default)s)")
     p.add_argument("--max-seconds", type=float, default=30.0, help="cap per sentence (default: %(default)s)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--strict", action="store_true", help="characters the voice cannot speak are an error")

@@ -35,6 +35,7 @@ MIN_PROMPT_SECONDS = 0.5
 # audio (read speech runs ~0.07 s per phoneme symbol; twice that leaves slack for slow speech).
 MAX_SECONDS_PER_TOKEN = 0.15
 MIN_PIECE_TOKENS = 8  # a prompt that leaves less than this for text is too long
+ALIGN_GUIDE_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -48,21 +49,26 @@ class SynthesisOptions:
     # The frames are y', what the decoder fed itself: the same bits whole or streamed.
     rolling_prompt: bool = False
     # Alignment-guided decoding (melle.core.alignment): keeps the decode moving through the text in
-    # order; needs an engine of a model with guided heads, exported with standard attention.
-    align_guide: bool = False
+    # order. It needs an engine of a model with guided heads exported with standard attention:
+    # "auto" guides where the engine can, "on" requires it, "off" never guides.
+    align_guide: str = "auto"
 
     def __post_init__(self) -> None:
         if self.candidates < 1:
             raise ValueError(f"candidates must be at least 1, got {self.candidates}")
         if not self.max_seconds > 0:
             raise ValueError(f"max_seconds must be positive, got {self.max_seconds}")
+        if self.align_guide not in ALIGN_GUIDE_MODES:
+            raise ValueError(f"align_guide must be one of {ALIGN_GUIDE_MODES}, got {self.align_guide!r}")
 
-    def decode_options(self, cfg, preset) -> DecodeOptions:
-        """The decode loop's options for a model ``cfg`` whose frames follow mel ``preset``."""
+    def decode_options(self, cfg, preset, aligned: bool) -> DecodeOptions:
+        """The decode loop's options for a model ``cfg`` whose frames follow mel ``preset``, on a
+        backend that can (``aligned``) or cannot guide by alignment."""
         frames_per_second = preset.sample_rate / preset.hop_length
         max_steps = max(1, math.ceil(self.max_seconds * frames_per_second / cfg.r))
+        guide = self.align_guide == "on" or (self.align_guide == "auto" and aligned)
         return DecodeOptions(stop_threshold=self.stop_threshold, max_steps=max_steps, candidates=self.candidates,
-                             align=AlignOptions() if self.align_guide else None)
+                             align=AlignOptions() if guide else None)
 
 
 @dataclass
@@ -144,7 +150,7 @@ class Synthesizer:
             seed: int | None = None, options: SynthesisOptions = SynthesisOptions()) -> Decoded:
         """Decode one piece to mel frames (prompt transcript prepended when prompting)."""
         ids, start = self.token_ids(text, prompt_mel, prompt_text)
-        return decode(self.backend, self.cfg, ids, prompt_mel, options.decode_options(self.cfg, self.preset),
+        return decode(self.backend, self.cfg, ids, prompt_mel, self.decode_options(options, self.backend),
                       seed=seed, text_start=start)
 
     def token_ids(self, text: str, prompt_mel: np.ndarray | None, prompt_text: str | None) -> tuple[list[int], int]:
@@ -210,10 +216,10 @@ class Synthesizer:
 
     def check_options(self, options: SynthesisOptions) -> None:
         """Raise if this engine cannot decode with ``options``."""
-        if options.align_guide and not getattr(self.backend, "aligned", False):
+        if options.align_guide == "on" and not getattr(self.backend, "aligned", False):
             raise EngineError(f"{self.manifest.directory} cannot guide decoding by alignment: it needs a model "
                               "trained with guided heads (config guided_heads) exported with --attention standard "
-                              "by this melle-rt; re-export it, or decode without --align-guide")
+                              "by this melle-rt; re-export it, or use --align-guide auto / off")
 
     def speakable(self, pieces: list[Piece], text: str) -> list[Piece]:
         """``pieces`` without those of only unspeakable characters (already warned about), which
@@ -340,8 +346,13 @@ class Synthesizer:
         """A decode of one piece in progress, step by step (``mel`` runs one to the end), on this
         synthesizer's backend or on ``backend`` (one row of a batch: ``melle_runtime.batching``)."""
         ids, start = self.token_ids(text, prompt_mel, prompt_text)
-        return Decoding(backend or self.backend, self.cfg, ids, prompt_mel, options.decode_options(self.cfg, self.preset),
-                        seed, text_start=start)
+        backend = backend or self.backend
+        return Decoding(backend, self.cfg, ids, prompt_mel, self.decode_options(options, backend), seed,
+                        text_start=start)
+
+    def decode_options(self, options: SynthesisOptions, backend: DecoderBackend) -> DecodeOptions:
+        """``options`` for the decode loop of this engine's model on ``backend``."""
+        return options.decode_options(self.cfg, self.preset, aligned=getattr(backend, "aligned", False))
 
     def mel_stream(self, chunks: ChunkPlan, first_chunk: int) -> MelStream:
         """Chunked post-net and vocoder windows for one piece, with the engine's receptive fields."""

@@ -186,14 +186,26 @@ def test_the_cli_guides_by_alignment(voiced_engine, tmp_path):
     assert read_manifest(voiced_engine).config.guided_heads == GUIDED_HEADS
     out = tmp_path / "guided.wav"
     done = subprocess.run([sys.executable, "runtime/synth.py", "--engine", str(voiced_engine), "--text", "hello there.",
-                           "--out", str(out), "--max-seconds", "2", "--align-guide"],
+                           "--out", str(out), "--max-seconds", "2", "--align-guide", "on"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     wav, rate = sf.read(out)
     assert rate == 22050 and np.abs(wav).max() > 0
 
 
-def test_a_gqa_engine_refuses_guidance_before_decoding(voiced_gqa_engine):
+def test_a_gqa_engine_refuses_required_guidance_and_auto_decodes_unguided(voiced_gqa_engine):
     with Synthesizer(voiced_gqa_engine) as synth:
         with pytest.raises(EngineError, match="--align-guide"):
-            synth.speak("hello there.", options=SynthesisOptions(align_guide=True, max_seconds=1))
+            synth.speak("hello there.", options=SynthesisOptions(align_guide="on", max_seconds=1))
+        auto, off = (synth.speak("hello there.", seed=0, options=SynthesisOptions(align_guide=mode, max_seconds=1))
+                     for mode in ("auto", "off"))
+    np.testing.assert_array_equal(auto.wav, off.wav)
+
+
+def test_auto_guides_where_the_engine_can(voiced_engine):
+    with Synthesizer(voiced_engine) as synth:
+        decoding = {mode: synth.decoding("hello there.", None, None, 0, SynthesisOptions(align_guide=mode))
+                    for mode in ("auto", "on", "off")}
+    assert decoding["auto"].guide is not None and decoding["on"].guide is not None and decoding["off"].guide is None
+    with pytest.raises(ValueError, match="align_guide"):
+        SynthesisOptions(align_guide="yes")

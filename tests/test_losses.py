@@ -2,11 +2,12 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from melle.core.config import preset_config
-from melle.losses import (LossConfig, alignment_score, flux_loss, guided_attention_loss, kl_loss, melle_loss,
+from melle.losses import (LossConfig, alignment_score, head_alignment, flux_loss, guided_attention_loss, kl_loss, melle_loss,
                           regression_loss, stop_loss)
 from melle.model import Melle
 
@@ -56,6 +57,11 @@ def test_guided_attention_and_alignment_score_by_hand():
     assert guided_attention_loss([on_frames], (0,), text_lens, n_groups, 0.2).item() == pytest.approx(0.5)
     assert alignment_score([diagonal], text_lens, n_groups) == pytest.approx(1.0)
     assert alignment_score([anti], text_lens, n_groups) == pytest.approx(0.0)
+    # Per head: layers given x heads; a head with no text attention at all scores 0, not NaN.
+    layer = torch.cat([diagonal, anti, torch.zeros(1, 1, 3, 3)], dim=1)  # [1, 3 heads, 3, 3]
+    per_head = head_alignment([layer, layer.flip(1)], text_lens, n_groups)
+    assert per_head.shape == (2, 3)
+    np.testing.assert_allclose(per_head.numpy(), [[1, 0, 0], [0, 0, 1]], atol=1e-6)
 
 
 def test_kl_weight_schedule():

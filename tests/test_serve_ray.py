@@ -124,7 +124,8 @@ def test_streamed_audio_passes_through_the_proxy_unchanged(client, voiced_engine
     audio, rate = decode(b"".join(parts))
     with Synthesizer(voiced_engine) as synth:
         expected = synth.synthesize(text, seed=0)[0]
-    assert rate == 22050 and len(audio) == len(expected) and np.abs(audio - expected).max() < 2 / 32768
+    # Streamed and whole synthesis differ by float rounding (< 1e-4, tests/test_streaming.py), then 16-bit rounding.
+    assert rate == 22050 and len(audio) == len(expected) and np.abs(audio - expected).max() < 1e-4 + 1 / 32768
 
 
 def test_whole_responses_and_sse_decode(client, ray_server):

@@ -26,7 +26,8 @@ STREAM_TOLERANCE = 1e-4
 # The tiny voiced engine stops after 1-16 frames by itself; with the stop head out of reach every
 # piece runs to its cap, 52 frames (0.6 s), so chunks of every size are made.
 NO_STOP = 1 - 1e-12
-SHORT = SynthesisOptions(max_seconds=0.6, stop_threshold=NO_STOP)
+# Pieces of a known length: no stop head, and no alignment guide (it would force a stop at the text's end).
+SHORT = SynthesisOptions(max_seconds=0.6, stop_threshold=NO_STOP, align_guide="off")
 PLANS = [ChunkPlan(), ChunkPlan(first_frames=1, max_frames=1), ChunkPlan(first_frames=3, max_frames=7)]
 
 
@@ -189,6 +190,12 @@ def test_stream_equals_whole_synthesis(synthesizer, plan):
         assert len(chunks[0].wav) == synthesizer.preset.hop_length
 
 
+def test_a_guided_stream_equals_the_guided_whole(synthesizer):
+    guided = SynthesisOptions(max_seconds=0.6, align_guide="on")
+    chunks, whole = stream_and_whole(synthesizer, "Hello there. How are you today?", ChunkPlan(3, 7), guided)
+    assert np.abs(np.concatenate([c.wav for c in chunks]) - whole.wav).max() < STREAM_TOLERANCE
+
+
 @pytest.mark.parametrize("options", [SHORT, SynthesisOptions()], ids=["capped", "stop-head"])
 def test_one_word_streams(synthesizer, options):
     chunks, whole = stream_and_whole(synthesizer, "Hello", options=options)
@@ -204,7 +211,7 @@ def test_very_long_text_streams_piece_by_piece(synthesizer):
 
 
 def test_rolling_prompt_streams_like_the_whole_and_prompts_with_the_previous_piece(synthesizer, monkeypatch):
-    rolling = SynthesisOptions(max_seconds=0.3, stop_threshold=NO_STOP, rolling_prompt=True)
+    rolling = SynthesisOptions(max_seconds=0.3, stop_threshold=NO_STOP, rolling_prompt=True, align_guide="off")
     text = "First sentence here. Second one. Third."
     prompts = []
     decoding = synthesizer.decoding

@@ -20,6 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from melle.checkpoint import CheckpointError, load_checkpoint, load_trainer_state, save_checkpoint
 from melle.checkpoint import main as checkpoint_main
+from melle.align_heads import main as align_heads_main
+from melle.core.cli import UserError
 from melle.core.config import preset_config
 from melle.data import bucket_batches, collate
 from melle.core.decoding import DecodeOptions
@@ -245,6 +247,19 @@ def test_new_options_reach_the_saved_run_and_a_bad_one_is_refused(corpus, tmp_pa
         with pytest.raises(SystemExit):
             train(corpus, tmp_path / "bad", "--steps", 1, *bad)
         assert message in capsys.readouterr().err
+
+
+def test_align_heads_measures_every_head_and_writes_the_aligned_ones(corpus, tmp_path, capsys):
+    train(corpus, tmp_path, "--steps", 1, "--batch-frames", 200)
+    ckpt = tmp_path / "latest"
+    align_heads_main([str(ckpt), "--manifest", str(corpus), "--threshold", "0", "--write"])
+    assert "layer 1: head 0" in capsys.readouterr().out
+    assert load_checkpoint(ckpt).cfg.guided_heads == [[0, 0], [0, 1], [1, 0], [1, 1]]  # tiny: 2 x 2, all >= 0
+    with pytest.raises(UserError, match="no head reaches 1.01"):
+        align_heads_main([str(ckpt), "--manifest", str(corpus), "--threshold", "1.01", "--write"])
+    assert load_checkpoint(ckpt).cfg.guided_heads == [[0, 0], [0, 1], [1, 0], [1, 1]]  # left as it was
+    with pytest.raises(UserError, match="--manifest"):
+        align_heads_main([str(ckpt), "--manifest", str(tmp_path / "missing.jsonl")])
 
 
 def test_utterances_the_tokenizer_cannot_spell_are_skipped_not_fatal(corpus, tmp_path, capsys):
